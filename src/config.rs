@@ -1,0 +1,972 @@
+//! `config.yaml`: a typed mirror of the file that `interface.md` specifies.
+//!
+//! Loading goes in three steps:
+//! 1. the YAML is parsed into a tree;
+//! 2. every scalar becomes text, and `${NAME}` / `${NAME:-default}` in it is replaced by the
+//!    environment variable (so a password containing `#` or `: ` is safe);
+//! 3. the tree is deserialised into [`Config`], each scalar converted to its field's type with
+//!    `FromStr` (so `port: ${IMAP_PORT:-993}` works), unknown keys rejected.
+//!
+//! Then [`Config::validate`] checks ranges and formats. Every error names the file and the key.
+//! Secrets (bot token, SeaTable API token, IMAP passwords) are [`SecretString`]s, whose `Debug`
+//! prints `[REDACTED]`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_norway::Value;
+use serde_with::{DisplayFromStr, serde_as};
+
+/// Why a configuration could not be loaded. Every variant names the file; key errors also name
+/// the dotted key path (`telegram.limits.chat_per_second`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the config file: {source}", .file.display())]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML.
+    #[error("{}: not valid YAML: {message}", .file.display())]
+    Yaml {
+        /// The config file.
+        file: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// One key is missing, unknown, of the wrong type or out of range.
+    #[error("{}: {key}: {message}", .file.display())]
+    Key {
+        /// The config file.
+        file: PathBuf,
+        /// Dotted path of the key, e.g. `imap.accounts.reports@example.com.password`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration. See `config.yaml.example` for every key with its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Bot API access and sending limits.
+    pub telegram: TelegramConfig,
+    /// Where the directory (users, mailboxes, groups) lives.
+    pub seatable: SeaTableConfig,
+    /// Defaults for every mailbox; rows may override host, port, login and password.
+    #[serde(default)]
+    pub imap: ImapConfig,
+    /// How a Superset e-mail becomes a report.
+    #[serde(default)]
+    pub reports: ReportsConfig,
+    /// The outbox worker.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// The local durable state.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// The HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `telegram:`: the Bot API.
+#[serde_as]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramConfig {
+    /// The bot token from @BotFather (required). Never printed.
+    pub bot_token: SecretString,
+    /// Base URL of the Bot API: the cloud server, a local Bot API server, or a test fake.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// Proactive send limits; Telegram's documented limits are the defaults.
+    #[serde(default)]
+    pub limits: TelegramLimits,
+    /// Whether PNGs go as photos (when Telegram accepts them as photos) or as documents.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub png_as: PngAs,
+    /// Largest file sent, in bytes. 50,000,000 on the cloud Bot API (sendDocument); a local Bot
+    /// API server allows 2,000,000,000.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_max_upload_bytes")]
+    pub max_upload_bytes: u64,
+    /// Country calling code for phone numbers written without one (`8XXXXXXXXXX`, `XXXXXXXXXX`).
+    #[serde(default = "default_country_code")]
+    pub default_country_code: String,
+}
+
+/// `telegram.limits:`, from the Bots FAQ ("My bot is hitting limits").
+#[serde_as]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramLimits {
+    /// Messages per second across all chats (FAQ: about 30).
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_global_per_second")]
+    pub global_per_second: u32,
+    /// Messages per second into one chat (FAQ: 1).
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_chat_per_second")]
+    pub chat_per_second: u32,
+    /// Messages per minute into one group (FAQ: 20).
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_group_per_minute")]
+    pub group_per_minute: u32,
+}
+
+impl Default for TelegramLimits {
+    fn default() -> Self {
+        Self {
+            global_per_second: default_global_per_second(),
+            chat_per_second: default_chat_per_second(),
+            group_per_minute: default_group_per_minute(),
+        }
+    }
+}
+
+/// `telegram.png_as`: how PNG screenshots are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PngAs {
+    /// `sendPhoto` / photo albums for every PNG Telegram accepts as a photo; the rest as documents.
+    #[default]
+    Photo,
+    /// Every PNG as a document (no recompression by Telegram).
+    Document,
+}
+
+impl std::str::FromStr for PngAs {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "photo" => Ok(Self::Photo),
+            "document" => Ok(Self::Document),
+            other => Err(format!("expected photo or document, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for PngAs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Photo => "photo",
+            Self::Document => "document",
+        })
+    }
+}
+
+/// `seatable:`: the base that holds users, mailboxes and groups.
+#[serde_as]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeaTableConfig {
+    /// The SeaTable server, e.g. `https://cloud.seatable.io` (required).
+    pub server_url: String,
+    /// A read-write base API token (required). Never printed.
+    pub api_token: SecretString,
+    /// How long a directory snapshot is used before it is re-read, in seconds.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_sixty")]
+    pub cache_ttl_secs: u64,
+    /// How often the mailbox list is re-read for new or removed rows, in seconds.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_sixty")]
+    pub reload_secs: u64,
+    /// Table names; the defaults match `seatable-schema/`.
+    #[serde(default)]
+    pub tables: TableNames,
+}
+
+/// `seatable.tables:`: the names of the three tables.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableNames {
+    /// People: `Name`, `phone`, `mailboxes`, `id_telegram`.
+    #[serde(default = "default_users_table")]
+    pub users: String,
+    /// Mailboxes: `Name`, `email`, bindings, `last_uid`, overrides.
+    #[serde(default = "default_mailboxes_table")]
+    pub mailboxes: String,
+    /// Telegram groups: `Name`, `id_telegram_chat`, `is_locked`, `mailboxes`.
+    #[serde(default = "default_groups_table")]
+    pub groups: String,
+}
+
+impl Default for TableNames {
+    fn default() -> Self {
+        Self {
+            users: default_users_table(),
+            mailboxes: default_mailboxes_table(),
+            groups: default_groups_table(),
+        }
+    }
+}
+
+/// `imap:`: defaults for every mailbox.
+#[serde_as]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapConfig {
+    /// IMAP server host; required unless every mailbox row has `imap_host`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// IMAP server port.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_imap_port")]
+    pub port: u16,
+    /// Transport security.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// The folder to watch.
+    #[serde(default = "default_folder")]
+    pub folder: String,
+    /// IDLE is re-issued at least this often, in seconds (RFC 2177 §3: servers may log a client
+    /// out after 30 minutes of inactivity, so at most 1740).
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_idle_renew_secs")]
+    pub idle_renew_secs: u64,
+    /// How the relay authenticates.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub auth: AuthMethod,
+    /// Passwords by mailbox address, for rows that carry none.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, ImapAccount>,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        Self {
+            host: None,
+            port: default_imap_port(),
+            tls: TlsMode::default(),
+            folder: default_folder(),
+            idle_renew_secs: default_idle_renew_secs(),
+            auth: AuthMethod::default(),
+            accounts: BTreeMap::new(),
+        }
+    }
+}
+
+impl ImapConfig {
+    /// The configured password of a mailbox address, matched case-insensitively.
+    pub fn password_for(&self, address: &str) -> Option<&SecretString> {
+        self.accounts
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(address))
+            .map(|(_, account)| &account.password)
+    }
+}
+
+/// `imap.accounts.<address>:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapAccount {
+    /// The mailbox password. Never printed.
+    pub password: SecretString,
+}
+
+/// `imap.tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS from the first byte (port 993).
+    #[default]
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (RFC 3501 §6.2.1), usually port 143.
+    StartTls,
+    /// No TLS: only for loopback tests.
+    None,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "implicit" => Ok(Self::Implicit),
+            "starttls" => Ok(Self::StartTls),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "expected implicit, starttls or none, got {other:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Implicit => "implicit",
+            Self::StartTls => "starttls",
+            Self::None => "none",
+        })
+    }
+}
+
+/// `imap.auth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// IMAP LOGIN with a password (RFC 3501 §6.2.3).
+    #[default]
+    Password,
+    /// SASL XOAUTH2 (Gmail, Microsoft 365): reserved, not implemented yet.
+    XOAuth2,
+}
+
+impl std::str::FromStr for AuthMethod {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "password" => Ok(Self::Password),
+            "xoauth2" => Ok(Self::XOAuth2),
+            other => Err(format!("expected password or xoauth2, got {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Password => "password",
+            Self::XOAuth2 => "xoauth2",
+        })
+    }
+}
+
+/// `reports:`.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsConfig {
+    /// Stripped from the subject to make the title; the first that matches wins.
+    #[serde(default = "default_subject_prefixes")]
+    pub subject_prefixes: Vec<String>,
+    /// Relay Superset error notifications too (as a text message)?
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub forward_errors: bool,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        Self {
+            subject_prefixes: default_subject_prefixes(),
+            forward_errors: false,
+        }
+    }
+}
+
+/// `delivery:`.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Sends in flight across different chats (always in order within a chat).
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// A send still failing transiently after this many seconds is marked failed.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_give_up_after_secs")]
+    pub give_up_after_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            give_up_after_secs: default_give_up_after_secs(),
+        }
+    }
+}
+
+/// `state:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// The SQLite database with checkpoints, outbox, ledger, file_ids and the directory snapshot.
+    #[serde(default = "default_state_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            path: default_state_path(),
+        }
+    }
+}
+
+/// `http:`.
+#[serde_as]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the `/healthz`, `/readyz` and `/metrics` listener.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_api_url() -> String {
+    "https://api.telegram.org".to_owned()
+}
+fn default_max_upload_bytes() -> u64 {
+    50_000_000
+}
+fn default_country_code() -> String {
+    "7".to_owned()
+}
+fn default_global_per_second() -> u32 {
+    30
+}
+fn default_chat_per_second() -> u32 {
+    1
+}
+fn default_group_per_minute() -> u32 {
+    20
+}
+fn default_sixty() -> u64 {
+    60
+}
+fn default_users_table() -> String {
+    "users".to_owned()
+}
+fn default_mailboxes_table() -> String {
+    "mailboxes".to_owned()
+}
+fn default_groups_table() -> String {
+    "t_chats".to_owned()
+}
+fn default_imap_port() -> u16 {
+    993
+}
+fn default_folder() -> String {
+    "INBOX".to_owned()
+}
+fn default_idle_renew_secs() -> u64 {
+    540
+}
+fn default_subject_prefixes() -> Vec<String> {
+    vec!["[Report]".to_owned(), "[Alert]".to_owned()]
+}
+fn default_concurrency() -> usize {
+    16
+}
+fn default_give_up_after_secs() -> u64 {
+    86_400
+}
+fn default_state_path() -> PathBuf {
+    PathBuf::from("/var/lib/report-relay/state.db")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Config {
+    /// Reads and validates `file`, expanding `${VAR}` from the process environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, and the key where one is at fault.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text, file, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML `text` as if read from `file`, looking variables up with `env`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `file`, and the key where one is at fault.
+    pub fn from_yaml(
+        text: &str,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree: Value = serde_norway::from_str(text).map_err(|error| ConfigError::Yaml {
+            file: file.to_owned(),
+            message: error.to_string(),
+        })?;
+        if tree.is_null() {
+            tree = Value::Mapping(Default::default());
+        }
+        expand_tree(&mut tree, &mut Vec::new(), env).map_err(|(key, message)| {
+            ConfigError::Key {
+                file: file.to_owned(),
+                key,
+                message,
+            }
+        })?;
+        let config: Self = serde_path_to_error::deserialize(tree).map_err(|error| {
+            let key = error.path().to_string();
+            let message = error.into_inner().to_string();
+            // serde reports a missing field at the parent; name the field itself.
+            match missing_field(&message) {
+                Some(field) if key == "." => ConfigError::Key {
+                    file: file.to_owned(),
+                    key: field.to_owned(),
+                    message: "required key is missing".to_owned(),
+                },
+                Some(field) => ConfigError::Key {
+                    file: file.to_owned(),
+                    key: format!("{key}.{field}"),
+                    message: "required key is missing".to_owned(),
+                },
+                None => ConfigError::Key {
+                    file: file.to_owned(),
+                    key,
+                    message,
+                },
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Key {
+                file: file.to_owned(),
+                key: key.to_owned(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks ranges and formats that the types alone do not.
+    ///
+    /// # Errors
+    /// The dotted key and what is wrong with it.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        use secrecy::ExposeSecret;
+        let t = &self.telegram;
+        if t.bot_token.expose_secret().trim().is_empty() {
+            return Err(("telegram.bot_token", "must not be empty".into()));
+        }
+        check_http_url(&t.api_url).map_err(|m| ("telegram.api_url", m))?;
+        for (key, value) in [
+            (
+                "telegram.limits.global_per_second",
+                t.limits.global_per_second,
+            ),
+            ("telegram.limits.chat_per_second", t.limits.chat_per_second),
+            (
+                "telegram.limits.group_per_minute",
+                t.limits.group_per_minute,
+            ),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if t.max_upload_bytes == 0 {
+            return Err(("telegram.max_upload_bytes", "must be at least 1".into()));
+        }
+        let code = &t.default_country_code;
+        if code.is_empty() || code.len() > 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+            return Err((
+                "telegram.default_country_code",
+                format!("expected 1 to 3 digits without '+', got {code:?}"),
+            ));
+        }
+        let s = &self.seatable;
+        check_http_url(&s.server_url).map_err(|m| ("seatable.server_url", m))?;
+        if s.api_token.expose_secret().trim().is_empty() {
+            return Err(("seatable.api_token", "must not be empty".into()));
+        }
+        if s.cache_ttl_secs == 0 {
+            return Err(("seatable.cache_ttl_secs", "must be at least 1".into()));
+        }
+        if s.reload_secs == 0 {
+            return Err(("seatable.reload_secs", "must be at least 1".into()));
+        }
+        for (key, name) in [
+            ("seatable.tables.users", &s.tables.users),
+            ("seatable.tables.mailboxes", &s.tables.mailboxes),
+            ("seatable.tables.groups", &s.tables.groups),
+        ] {
+            if name.trim().is_empty() {
+                return Err((key, "must not be empty".into()));
+            }
+        }
+        let i = &self.imap;
+        if i.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+            return Err(("imap.host", "must not be empty when given".into()));
+        }
+        if i.port == 0 {
+            return Err(("imap.port", "must be 1 to 65535".into()));
+        }
+        if i.folder.is_empty() {
+            return Err(("imap.folder", "must not be empty".into()));
+        }
+        if !(1..=1740).contains(&i.idle_renew_secs) {
+            return Err((
+                "imap.idle_renew_secs",
+                format!(
+                    "must be 1 to 1740 (RFC 2177: re-issue IDLE within 29 minutes), got {}",
+                    i.idle_renew_secs
+                ),
+            ));
+        }
+        if i.auth == AuthMethod::XOAuth2 {
+            return Err((
+                "imap.auth",
+                "xoauth2 is reserved for OAuth2 and not implemented yet; use password".into(),
+            ));
+        }
+        if self.reports.subject_prefixes.iter().any(|p| p.is_empty()) {
+            return Err((
+                "reports.subject_prefixes",
+                "entries must not be empty".into(),
+            ));
+        }
+        if self.delivery.concurrency == 0 {
+            return Err(("delivery.concurrency", "must be at least 1".into()));
+        }
+        if self.delivery.give_up_after_secs == 0 {
+            return Err(("delivery.give_up_after_secs", "must be at least 1".into()));
+        }
+        if self.state.path.as_os_str().is_empty() {
+            return Err(("state.path", "must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The field named in serde's "missing field `x`" message.
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("missing field `")?;
+    rest.split('`').next()
+}
+
+fn check_http_url(text: &str) -> Result<(), String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        Ok(_) => Err(format!("expected an http(s) URL, got {text:?}")),
+        Err(error) => Err(format!("not a URL ({error}): {text:?}")),
+    }
+}
+
+/// Turns every scalar into text with `${VAR}` expanded. Returns the key path and message of the
+/// first error.
+fn expand_tree(
+    value: &mut Value,
+    path: &mut Vec<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map.iter_mut() {
+                let name = match key {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err((join(path), "keys must be plain scalars".into())),
+                };
+                path.push(name);
+                expand_tree(child, path, env)?;
+                path.pop();
+            }
+            // Keys that YAML read as numbers or booleans are text too.
+            let entries = std::mem::take(map);
+            for (key, child) in entries {
+                let key = match key {
+                    Value::Number(n) => Value::String(n.to_string()),
+                    Value::Bool(b) => Value::String(b.to_string()),
+                    other => other,
+                };
+                map.insert(key, child);
+            }
+        }
+        Value::Sequence(items) => {
+            for (index, item) in items.iter_mut().enumerate() {
+                path.push(index.to_string());
+                expand_tree(item, path, env)?;
+                path.pop();
+            }
+        }
+        Value::String(text) => {
+            *text = expand_vars(text, env).map_err(|message| (join(path), message))?;
+        }
+        Value::Number(number) => *value = Value::String(number.to_string()),
+        Value::Bool(flag) => *value = Value::String(flag.to_string()),
+        Value::Null => {}
+        Value::Tagged(_) => return Err((join(path), "YAML tags are not supported".into())),
+    }
+    Ok(())
+}
+
+fn join(path: &[String]) -> String {
+    if path.is_empty() {
+        ".".to_owned()
+    } else {
+        path.join(".")
+    }
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` in `text`. `$$` is a literal `$`; any other `$` is
+/// kept as is.
+///
+/// # Errors
+/// An unset variable without a default, an unterminated `${`, or a bad variable name.
+pub fn expand_vars(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated ${{ in {text:?}"))?;
+            let inner = &body[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("bad variable name {name:?} in ${{{inner}}}"));
+            }
+            match (env(name), default) {
+                (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set"));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const MINIMAL: &str = "
+telegram:
+  bot_token: ${TELEGRAM_BOT_TOKEN}
+seatable:
+  server_url: https://cloud.seatable.io
+  api_token: ${SEATABLE_API_TOKEN}
+";
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "TELEGRAM_BOT_TOKEN" => Some("123456:ABC-secret".into()),
+            "SEATABLE_API_TOKEN" => Some("st-secret".into()),
+            "IMAP_PORT" => Some("1143".into()),
+            "PASS" => Some("p#ss: word".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, Path::new("config.yaml"), &env)
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(
+            config.telegram.bot_token.expose_secret(),
+            "123456:ABC-secret"
+        );
+        assert_eq!(config.telegram.api_url, "https://api.telegram.org");
+        assert_eq!(config.telegram.limits, TelegramLimits::default());
+        assert_eq!(config.telegram.limits.global_per_second, 30);
+        assert_eq!(config.telegram.png_as, PngAs::Photo);
+        assert_eq!(config.telegram.max_upload_bytes, 50_000_000);
+        assert_eq!(config.telegram.default_country_code, "7");
+        assert_eq!(config.seatable.cache_ttl_secs, 60);
+        assert_eq!(config.seatable.reload_secs, 60);
+        assert_eq!(config.seatable.tables.groups, "t_chats");
+        assert_eq!(config.imap.port, 993);
+        assert_eq!(config.imap.tls, TlsMode::Implicit);
+        assert_eq!(config.imap.folder, "INBOX");
+        assert_eq!(config.imap.idle_renew_secs, 540);
+        assert_eq!(config.reports.subject_prefixes, ["[Report]", "[Alert]"]);
+        assert!(!config.reports.forward_errors);
+        assert_eq!(config.delivery.concurrency, 16);
+        assert_eq!(config.delivery.give_up_after_secs, 86_400);
+        assert_eq!(
+            config.state.path,
+            PathBuf::from("/var/lib/report-relay/state.db")
+        );
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn variables_expand_per_scalar_before_type_conversion() {
+        let text = format!(
+            "{MINIMAL}imap:\n  host: imap.example.com\n  port: ${{IMAP_PORT:-993}}\n  \
+             accounts:\n    Reports@Example.com:\n      password: ${{PASS}}\n\
+             reports:\n  forward_errors: ${{FORWARD:-true}}\n"
+        );
+        let config = load(&text).unwrap();
+        assert_eq!(config.imap.port, 1143);
+        assert!(config.reports.forward_errors);
+        let password = config.imap.password_for("reports@example.com").unwrap();
+        assert_eq!(password.expose_secret(), "p#ss: word");
+    }
+
+    #[test]
+    fn expansion_rules() {
+        assert_eq!(expand_vars("a${PASS}b", &env).unwrap(), "ap#ss: wordb");
+        assert_eq!(expand_vars("${NOPE:-993}", &env).unwrap(), "993");
+        assert_eq!(expand_vars("${EMPTY:-x}", &env).unwrap(), "x");
+        assert_eq!(expand_vars("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(expand_vars("$$5 and $x", &env).unwrap(), "$5 and $x");
+        assert!(
+            expand_vars("${NOPE}", &env)
+                .unwrap_err()
+                .contains("NOPE is not set")
+        );
+        assert!(
+            expand_vars("${OPEN", &env)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            expand_vars("${1X}", &env)
+                .unwrap_err()
+                .contains("bad variable")
+        );
+    }
+
+    #[test]
+    fn unset_variable_names_key_and_file() {
+        let text = MINIMAL.replace("${SEATABLE_API_TOKEN}", "${MISSING_TOKEN}");
+        let error = load(&text).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "config.yaml: seatable.api_token: environment variable MISSING_TOKEN is not set"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let text = format!("{MINIMAL}delivery:\n  concurency: 4\n");
+        let error = load(&text).unwrap_err().to_string();
+        assert!(
+            error.starts_with("config.yaml: delivery.concurency: unknown field `concurency`"),
+            "{error}"
+        );
+        let error = load(&format!("{MINIMAL}extra: 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `extra`"), "{error}");
+    }
+
+    #[test]
+    fn missing_required_keys_are_named() {
+        let error = load("telegram:\n  bot_token: x\n").unwrap_err().to_string();
+        assert_eq!(error, "config.yaml: seatable: required key is missing");
+        let text =
+            "telegram:\n  api_url: http://x\nseatable:\n  server_url: https://a\n  api_token: t\n";
+        let error = load(text).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "config.yaml: telegram.bot_token: required key is missing"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_named() {
+        let error = load(&format!("{MINIMAL}imap:\n  port: lots\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("config.yaml: imap.port: invalid digit"),
+            "{error}"
+        );
+        let error = load(&format!("{MINIMAL}imap:\n  tls: ssl\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("imap.tls: expected implicit, starttls or none"),
+            "{error}"
+        );
+        let text = MINIMAL.replace("telegram:\n", "telegram:\n  png_as: picture\n");
+        assert!(
+            load(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("telegram.png_as")
+        );
+        let error = load(&format!("{MINIMAL}delivery:\n  concurrency: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "config.yaml: delivery.concurrency: must be at least 1"
+        );
+        let error = load(&format!("{MINIMAL}imap:\n  auth: xoauth2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("imap.auth: xoauth2 is reserved"), "{error}");
+        let text = MINIMAL.replace("https://cloud.seatable.io", "cloud.seatable.io");
+        assert!(
+            load(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("seatable.server_url")
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let text =
+            format!("{MINIMAL}imap:\n  accounts:\n    a@example.com:\n      password: ${{PASS}}\n");
+        let config = load(&text).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("ABC-secret"), "{debug}");
+        assert!(!debug.contains("st-secret"), "{debug}");
+        assert!(!debug.contains("p#ss"), "{debug}");
+    }
+
+    #[test]
+    fn the_shipped_examples_load() {
+        let env = |name: &str| Some(format!("value-of-{name}"));
+        for file in ["config.yaml.example", "docker/config.yaml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let config =
+                Config::from_yaml(&text, &path, &env).unwrap_or_else(|error| panic!("{error}"));
+            if file.starts_with("docker") {
+                assert_eq!(config.http.listen.to_string(), "0.0.0.0:9464");
+            }
+        }
+    }
+}
