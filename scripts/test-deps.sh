@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Installs what the integration test suite needs (Debian 12 / bookworm, run as root).
+#
+#   * dovecot-imapd  -> /usr/sbin/dovecot, /usr/bin/doveadm (tests/support/dovecot.rs)
+#
+# Idempotent: when everything is present it prints nothing and exits 0 in a few
+# milliseconds; `apt-get update` runs only when something is missing.
+#
+# The tests start their own Dovecot instances from a temp-dir config on random
+# loopback ports, so the system-wide dovecot service is never needed. When this
+# script installs the package it keeps the package's service from starting
+# (temporary policy-rc.d) and disables it, so nothing binds 143/993. A system
+# dovecot that was already installed and running before is left alone (it does
+# not conflict with the test instances: separate base_dir, separate ports).
+#
+# Exit status: 0 on success, non-zero with a message on stderr on failure.
+set -euo pipefail
+
+log() { printf 'test-deps: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Debian puts dovecot in /usr/sbin, which may be missing from a non-login PATH.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+missing_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+if ! have dovecot || ! have doveadm; then
+    missing_pkgs+=(dovecot-imapd)
+fi
+# `nobody` owns the test mail (Dovecot refuses uid 0 for mail); Debian always has it.
+getent passwd nobody >/dev/null 2>&1 || die "user 'nobody' does not exist; the Dovecot harness needs it"
+
+if [ "${#missing_pkgs[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || die "missing ${missing_pkgs[*]} and not running as root; run: sudo $0"
+have apt-get || die "missing ${missing_pkgs[*]} and apt-get is not available (expected Debian 12)"
+
+export DEBIAN_FRONTEND=noninteractive
+
+# Keep maintainer scripts from starting services during the install (the
+# standard Debian mechanism). Only install our own policy if none exists, and
+# remove it again on exit.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+cleanup() {
+    if [ "$created_policy" -eq 1 ]; then rm -f "$policy"; fi
+}
+trap cleanup EXIT
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# temporary, created by report-relay scripts/test-deps.sh\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    created_policy=1
+fi
+
+log "installing ${missing_pkgs[*]} ..."
+aptlog=$(mktemp)
+if ! apt-get update -qq >"$aptlog" 2>&1; then
+    cat "$aptlog" >&2; rm -f "$aptlog"
+    die "apt-get update failed"
+fi
+if ! apt-get install -y -qq --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing_pkgs[@]}" >"$aptlog" 2>&1; then
+    cat "$aptlog" >&2; rm -f "$aptlog"
+    die "apt-get install ${missing_pkgs[*]} failed"
+fi
+rm -f "$aptlog"
+
+# Make sure the system service stays out of the way, now and after a reboot.
+if [ -d /run/systemd/system ] && have systemctl; then
+    systemctl disable --now dovecot.service dovecot.socket >/dev/null 2>&1 || true
+elif have update-rc.d && [ -e /etc/init.d/dovecot ]; then
+    update-rc.d dovecot disable >/dev/null 2>&1 || true
+fi
+# If it was started anyway (e.g. a policy-rc.d that allowed it), stop it.
+if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
+    log "stopping the system dovecot started by the package install"
+    doveadm stop >/dev/null 2>&1 || kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
+fi
+
+have dovecot && have doveadm || die "dovecot/doveadm still not found after installing ${missing_pkgs[*]}"
+log "installed: $(dovecot --version 2>/dev/null || echo '?')"
