@@ -12,5 +12,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod imap;
+pub mod metrics;
 pub mod replay;
 pub mod report;
+pub mod schema;
+pub mod seatable;

@@ -1,0 +1,1 @@
+//! IMAP side of the relay (being written).

@@ -1,0 +1,1 @@
+//! The SeaTable schema the relay needs (being written).

@@ -1,0 +1,1 @@
+//! SeaTable REST client (being written).
