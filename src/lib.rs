@@ -18,3 +18,4 @@ pub mod replay;
 pub mod report;
 pub mod schema;
 pub mod seatable;
+pub mod state;
