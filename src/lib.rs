@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod imap;
 pub mod metrics;
 pub mod replay;

@@ -1,0 +1,780 @@
+//! The delivery worker: drains the outbox into the Telegram Bot API.
+//!
+//! - **Order:** a chat gets its sends one at a time, in outbox order; different chats are sent to
+//!   concurrently, up to `delivery.concurrency` in flight.
+//! - **Limits** (Bots FAQ, "My bot is hitting limits"): governor limiters for the global rate per
+//!   second, each chat's rate per second, and each group's rate per minute as one cell per
+//!   `60 / group_per_minute` seconds with a burst of 1 (a plain per-minute quota would allow a
+//!   burst of 20). An album of N takes N cells, one by one.
+//! - **Uploads:** each file is uploaded once; the `file_id` Telegram returns is stored in the
+//!   state and used for every later recipient, also after a restart (Bot API "Sending files").
+//!   Concurrent first sends of one file wait for the single upload.
+//! - **Errors** (Bot API error descriptions, `telegram-bot-api` `Client.cpp`): 429 waits
+//!   `retry_after` for that chat only; a group upgraded to a supergroup is re-sent to
+//!   `migrate_to_chat_id` at once and the directory is told; blocked, kicked, not a member,
+//!   chat not found and missing rights fail that recipient for good;
+//!   `PHOTO_INVALID_DIMENSIONS` resends as a document; 5xx and network errors retry with
+//!   jittered backoff until `delivery.give_up_after_secs`, then the send is marked failed and
+//!   logged at ERROR.
+//! - **Crash safety:** a row is marked done the moment Telegram accepts it.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use secrecy::{ExposeSecret, SecretString};
+use teloxide::payloads::{SendDocumentSetters, SendMessageSetters, SendPhotoSetters};
+use teloxide::prelude::{Requester, *};
+use teloxide::types::{
+    ChatId, FileId, InputFile, InputMedia, InputMediaDocument, InputMediaPhoto, LinkPreviewOptions,
+    Message, ParseMode,
+};
+use teloxide::{ApiError, RequestError};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::TelegramLimits;
+use crate::metrics::Metrics;
+use crate::report::render::{ItemKind, Method};
+use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, State};
+
+/// How the directory hears about chats the worker learned something about.
+pub trait ChatEvents: Send + Sync + 'static {
+    /// A basic group became a supergroup: `old` is now `new` (Bot API `migrate_to_chat_id`).
+    /// The directory rewrites the group's `id_telegram_chat` (keeping its lock).
+    fn chat_migrated(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>>;
+}
+
+/// Ignores chat events (for `replay` tools and tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoChatEvents;
+
+impl ChatEvents for NoChatEvents {
+    fn chat_migrated(&self, _old: i64, _new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Builds the `Bot` used for sending, with a client whose total timeout suits uploads of
+/// `max_upload_bytes` (teloxide's default client gives up after 17 s).
+///
+/// Never `Debug`-print the returned `Bot`: teloxide's `Debug` shows the token.
+///
+/// # Errors
+/// `api_url` is not a URL, or the HTTP client cannot be built.
+pub fn sending_bot(
+    token: &SecretString,
+    api_url: &str,
+    max_upload_bytes: u64,
+) -> anyhow::Result<Bot> {
+    // Assume at least 1 MB/s to Telegram, plus a minute for the reply.
+    let total = Duration::from_secs(60 + max_upload_bytes / 1_000_000);
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(total)
+        .tcp_nodelay(true)
+        .build()?;
+    let url = reqwest::Url::parse(api_url)?;
+    Ok(Bot::with_client(token.expose_secret(), client).set_api_url(url))
+}
+
+/// What one failed Bot API call means for the send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// 429: wait this long, then retry (only this chat waits).
+    RetryAfter(Duration),
+    /// The basic group is now the supergroup with this id.
+    Migrated(i64),
+    /// This recipient will not take it (blocked, kicked, not a member, chat not found, no
+    /// rights, a deactivated account), or the payload is refused for good.
+    Permanent(String),
+    /// Telegram refuses the photo's size: send the same bytes as a document.
+    PhotoRefused(String),
+    /// A stored `file_id` is no longer accepted: upload again.
+    StaleFileId(String),
+    /// 5xx, network, timeout: retry with backoff.
+    Transient(String),
+}
+
+/// Classifies a Bot API error (descriptions from `telegram-bot-api` `Client.cpp`).
+pub fn classify(error: &RequestError) -> Failure {
+    match error {
+        RequestError::RetryAfter(seconds) => Failure::RetryAfter(seconds.duration()),
+        RequestError::MigrateToChatId(chat) => Failure::Migrated(chat.0),
+        RequestError::Api(api) => classify_description(&api_description(api)),
+        RequestError::Network(error) => Failure::Transient(format!("network error: {error}")),
+        RequestError::Io(error) => Failure::Transient(format!("I/O error: {error}")),
+        RequestError::InvalidJson { raw, .. } => Failure::Transient(format!(
+            "unreadable answer (a proxy error page?): {}",
+            raw.chars().take(200).collect::<String>()
+        )),
+    }
+}
+
+fn api_description(error: &ApiError) -> String {
+    match error {
+        ApiError::Unknown(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Classifies a Bot API error description.
+pub fn classify_description(description: &str) -> Failure {
+    let text = description.to_owned();
+    let lower = description.to_ascii_lowercase();
+    // An album item failing is wrapped: `Failed to send message #k with the error message "…"`.
+    if let Some(at) = lower.find("retry after ") {
+        let digits: String = lower[at + 12..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(seconds) = digits.parse::<u64>() {
+            return Failure::RetryAfter(Duration::from_secs(seconds));
+        }
+    }
+    if lower.contains("photo_invalid_dimensions")
+        || lower.contains("image_process_failed")
+        || lower.contains("photo_save_file_invalid")
+    {
+        return Failure::PhotoRefused(text);
+    }
+    if lower.contains("wrong file identifier")
+        || lower.contains("file_id")
+        || lower.contains("wrong remote file")
+    {
+        return Failure::StaleFileId(text);
+    }
+    let permanent_prefixes = [
+        "forbidden:",
+        "bad request:",
+        "unauthorized",
+        "not found",
+        "request entity too large",
+        "conflict:",
+    ];
+    if permanent_prefixes.iter().any(|p| lower.starts_with(p)) {
+        return Failure::Permanent(text);
+    }
+    Failure::Transient(text)
+}
+
+/// The governor limiters of `telegram.limits`.
+pub struct Limiters {
+    global: DefaultDirectRateLimiter,
+    chat: DefaultKeyedRateLimiter<i64>,
+    group: DefaultKeyedRateLimiter<i64>,
+}
+
+impl std::fmt::Debug for Limiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Limiters")
+    }
+}
+
+impl Limiters {
+    /// Builds the limiters; zero rates were rejected by config validation and become 1.
+    pub fn new(limits: &TelegramLimits) -> Self {
+        let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let per_group = Duration::from_secs(60) / limits.group_per_minute.max(1);
+        let group_quota = Quota::with_period(per_group)
+            .unwrap_or_else(|| Quota::per_minute(nonzero(limits.group_per_minute)))
+            .allow_burst(NonZeroU32::MIN);
+        Self {
+            global: RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second))),
+            chat: RateLimiter::keyed(Quota::per_second(nonzero(limits.chat_per_second))),
+            group: RateLimiter::keyed(group_quota),
+        }
+    }
+
+    /// Waits for `cells` messages' worth of room towards `chat_id`, one cell at a time.
+    pub async fn until_ready(&self, chat_id: i64, cells: usize) {
+        for _ in 0..cells {
+            self.chat.until_key_ready(&chat_id).await;
+            if chat_id < 0 {
+                self.group.until_key_ready(&chat_id).await;
+            }
+            self.global.until_ready().await;
+        }
+    }
+
+    /// Drops the state of keys that are back at full capacity.
+    pub fn retain_recent(&self) {
+        self.chat.retain_recent();
+        self.group.retain_recent();
+    }
+}
+
+/// The outbox worker. Build with [`DeliveryWorker::new`], run with [`DeliveryWorker::run`].
+pub struct DeliveryWorker {
+    inner: Arc<Inner>,
+    concurrency: usize,
+    wake: Arc<Notify>,
+}
+
+struct Inner {
+    bot: Bot,
+    state: State,
+    limiters: Limiters,
+    metrics: Arc<Metrics>,
+    events: Arc<dyn ChatEvents>,
+    give_up_after: Duration,
+    uploads: Mutex<HashMap<(String, ItemKind), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The settings of a [`DeliveryWorker`].
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// `delivery.concurrency`.
+    pub concurrency: usize,
+    /// `delivery.give_up_after_secs`.
+    pub give_up_after: Duration,
+    /// `telegram.limits`.
+    pub limits: TelegramLimits,
+}
+
+impl DeliveryWorker {
+    /// A worker sending with `bot` (see [`sending_bot`]). Returns it and the [`Notify`] to wake
+    /// it when new rows are in the outbox.
+    pub fn new(
+        bot: Bot,
+        state: State,
+        settings: &DeliverySettings,
+        metrics: Arc<Metrics>,
+        events: Arc<dyn ChatEvents>,
+    ) -> (Self, Arc<Notify>) {
+        let wake = Arc::new(Notify::new());
+        let worker = Self {
+            inner: Arc::new(Inner {
+                bot,
+                state,
+                limiters: Limiters::new(&settings.limits),
+                metrics,
+                events,
+                give_up_after: settings.give_up_after,
+                uploads: Mutex::new(HashMap::new()),
+            }),
+            concurrency: settings.concurrency.max(1),
+            wake: wake.clone(),
+        };
+        (worker, wake)
+    }
+
+    /// Drains the outbox until `cancel` fires. In-flight sends are abandoned on cancellation
+    /// (they stay pending and are sent again after a restart).
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        // The chat of each task in flight; a chat is in here at most once.
+        let mut busy: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let mut last_retain = tokio::time::Instant::now();
+        loop {
+            let free = self.concurrency.saturating_sub(in_flight.len());
+            let mut next_check = Duration::from_secs(30);
+            if free > 0 {
+                match self
+                    .inner
+                    .state
+                    .due_sends(SystemTime::now(), busy.values().copied().collect(), free)
+                    .await
+                {
+                    Ok(rows) => {
+                        for row in rows {
+                            let chat_id = row.chat_id;
+                            let inner = self.inner.clone();
+                            let task = in_flight.spawn(async move { inner.process(row).await });
+                            busy.insert(task.id(), chat_id);
+                        }
+                    }
+                    Err(error) => {
+                        error!(error = format!("{error:#}"), "Cannot read the outbox.");
+                        next_check = Duration::from_secs(1);
+                    }
+                }
+                if let Ok(Some(due)) = self.inner.state.next_due_at().await
+                    && let Ok(wait) = due.duration_since(SystemTime::now())
+                {
+                    next_check = next_check.min(wait + Duration::from_millis(5));
+                }
+            }
+            if let Ok(depth) = self.inner.state.pending_count().await {
+                self.inner.metrics.outbox_depth.set(depth);
+            }
+            if last_retain.elapsed() > Duration::from_secs(60) {
+                self.inner.limiters.retain_recent();
+                last_retain = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(done) = in_flight.join_next_with_id() => {
+                    let id = match done {
+                        Ok((id, ())) => id,
+                        Err(error) => {
+                            // The row stays pending and is tried again on the next pass.
+                            error!(%error, "A send task panicked.");
+                            error.id()
+                        }
+                    };
+                    busy.remove(&id);
+                }
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(next_check) => {}
+            }
+        }
+        in_flight.shutdown().await;
+        debug!("Delivery worker stopped.");
+    }
+}
+
+impl Inner {
+    /// Sends one outbox row and records the outcome.
+    async fn process(&self, row: OutboxRow) {
+        let chat_id = row.chat_id;
+        let method = row.send.method;
+        let result = self.send_with_recovery(chat_id, &row.send).await;
+        let outcome = match result {
+            Ok(()) => {
+                if let Err(error) = self.state.finish_send(row.id, SendResult::Done).await {
+                    error!(
+                        chat_id,
+                        error = format!("{error:#}"),
+                        "Cannot mark a send done."
+                    );
+                }
+                let latency = SystemTime::now()
+                    .duration_since(row.received_at)
+                    .unwrap_or_default();
+                self.metrics
+                    .append_to_send_seconds
+                    .observe(latency.as_secs_f64());
+                info!(
+                    chat_id,
+                    method = method.as_str(),
+                    latency_ms = latency.as_millis() as u64,
+                    "Sent."
+                );
+                "ok"
+            }
+            Err(Failure::RetryAfter(wait)) => {
+                warn!(
+                    chat_id,
+                    retry_after_secs = wait.as_secs(),
+                    "Telegram asks this chat to wait."
+                );
+                let at = SystemTime::now() + wait;
+                if let Err(error) = self
+                    .state
+                    .retry_send(
+                        row.id,
+                        at,
+                        false,
+                        format!("429: retry after {}s", wait.as_secs()),
+                    )
+                    .await
+                {
+                    error!(
+                        chat_id,
+                        error = format!("{error:#}"),
+                        "Cannot reschedule a send."
+                    );
+                }
+                "retry_after"
+            }
+            Err(Failure::Permanent(reason)) => {
+                warn!(chat_id, %reason, "Telegram refused the send for good; not retrying.");
+                self.fail(row.id, &reason).await;
+                if let Err(error) = self
+                    .state
+                    .fail_rest_of_message(row.message_id, chat_id, reason.clone())
+                    .await
+                {
+                    error!(
+                        chat_id,
+                        error = format!("{error:#}"),
+                        "Cannot fail the rest of a message."
+                    );
+                }
+                "permanent"
+            }
+            Err(failure) => {
+                let reason = match failure {
+                    Failure::Transient(reason)
+                    | Failure::PhotoRefused(reason)
+                    | Failure::StaleFileId(reason) => reason,
+                    Failure::Migrated(id) => format!("migrated again to {id}"),
+                    Failure::RetryAfter(_) | Failure::Permanent(_) => String::new(),
+                };
+                let age = SystemTime::now()
+                    .duration_since(row.created_at)
+                    .unwrap_or_default();
+                if age >= self.give_up_after {
+                    error!(
+                        chat_id,
+                        method = method.as_str(),
+                        attempts = row.attempts + 1,
+                        %reason,
+                        "Giving up on a send after delivery.give_up_after_secs; it is marked failed."
+                    );
+                    self.fail(row.id, &reason).await;
+                    "failed"
+                } else {
+                    let delay = backoff_delay(row.attempts);
+                    warn!(
+                        chat_id,
+                        attempts = row.attempts + 1,
+                        retry_in_ms = delay.as_millis() as u64,
+                        %reason,
+                        "Send failed; retrying."
+                    );
+                    if let Err(error) = self
+                        .state
+                        .retry_send(row.id, SystemTime::now() + delay, true, reason)
+                        .await
+                    {
+                        error!(
+                            chat_id,
+                            error = format!("{error:#}"),
+                            "Cannot reschedule a send."
+                        );
+                    }
+                    "retry"
+                }
+            }
+        };
+        if matches!(outcome, "ok" | "failed" | "permanent") {
+            self.metrics
+                .sends
+                .get_or_create(&vec![
+                    ("method", method.as_str().to_owned()),
+                    ("result", outcome.to_owned()),
+                ])
+                .inc();
+        }
+    }
+
+    async fn fail(&self, id: i64, reason: &str) {
+        if let Err(error) = self
+            .state
+            .finish_send(id, SendResult::Failed(reason.to_owned()))
+            .await
+        {
+            error!(error = format!("{error:#}"), "Cannot mark a send failed.");
+        }
+    }
+
+    /// One send, with the recoveries that need no waiting: a migrated group gets it at its new
+    /// id at once, a refused photo goes again as a document, a stale `file_id` is uploaded
+    /// again.
+    async fn send_with_recovery(&self, mut chat_id: i64, send: &OutboxSend) -> Result<(), Failure> {
+        let mut send = send.clone();
+        for _ in 0..4 {
+            match self.send_once(chat_id, &send).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Migrated(new)) if new != chat_id => {
+                    info!(
+                        old = chat_id,
+                        new, "Group was upgraded to a supergroup; sending to its new id."
+                    );
+                    if let Err(error) = self.state.migrate_chat(chat_id, new).await {
+                        error!(
+                            error = format!("{error:#}"),
+                            "Cannot move pending sends to the new chat id."
+                        );
+                    }
+                    if let Err(error) = self.events.chat_migrated(chat_id, new).await {
+                        warn!(
+                            old = chat_id,
+                            new,
+                            error = format!("{error:#}"),
+                            "Cannot record the new chat id in the directory."
+                        );
+                    }
+                    chat_id = new;
+                }
+                Err(Failure::PhotoRefused(reason))
+                    if send.items.iter().any(|i| i.kind == ItemKind::Photo) =>
+                {
+                    warn!(chat_id, %reason, "Telegram refused a photo; sending it as a document.");
+                    send = as_documents(&send);
+                }
+                Err(Failure::StaleFileId(reason)) => {
+                    warn!(chat_id, %reason, "A stored file_id was refused; uploading again.");
+                    for item in &send.items {
+                        let _ = self.state.forget_file_id(&item.sha256, item.kind).await;
+                    }
+                }
+                Err(failure) => return Err(failure),
+            }
+        }
+        Err(Failure::Transient(
+            "too many recoveries for one send".into(),
+        ))
+    }
+
+    /// Waits for the limiters, resolves files (uploading at most once per file), calls the
+    /// Bot API once and stores any new `file_id`s.
+    async fn send_once(&self, chat_id: i64, send: &OutboxSend) -> Result<(), Failure> {
+        // Hold the upload lock of every file without a file_id, so concurrent first sends of
+        // the same file wait for one upload instead of uploading again.
+        let mut guards = Vec::new();
+        let mut keys: Vec<(String, ItemKind)> = send
+            .items
+            .iter()
+            .map(|i| (i.sha256.clone(), i.kind))
+            .collect();
+        keys.sort_by(|a, b| (&a.0, kind_order(a.1)).cmp(&(&b.0, kind_order(b.1))));
+        keys.dedup();
+        for key in keys {
+            let known = self
+                .state
+                .file_id(&key.0, key.1)
+                .await
+                .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+            if known.is_none() {
+                let lock = self
+                    .uploads
+                    .lock()
+                    .map_err(|_| Failure::Transient("upload lock poisoned".into()))?
+                    .entry(key)
+                    .or_default()
+                    .clone();
+                guards.push(lock.lock_owned().await);
+            }
+        }
+
+        let cells = send.items.len().max(1);
+        self.limiters.until_ready(chat_id, cells).await;
+
+        let mut media = Vec::with_capacity(send.items.len());
+        for item in &send.items {
+            media.push(self.input_file(item).await?);
+        }
+        let chat = ChatId(chat_id);
+        let bot = &self.bot;
+        let result: Result<Vec<Message>, RequestError> = match send.method {
+            Method::SendMessage => bot
+                .send_message(chat, send.text.clone().unwrap_or_default())
+                .parse_mode(ParseMode::Html)
+                .link_preview_options(no_preview())
+                .await
+                .map(|m| vec![m]),
+            Method::SendPhoto | Method::SendDocument if send.items.len() == 1 => {
+                let (item, file) = (&send.items[0], media.remove(0));
+                match item.kind {
+                    ItemKind::Photo => {
+                        let mut request = bot.send_photo(chat, file);
+                        if let Some(caption) = &item.caption {
+                            request = request.caption(caption.clone()).parse_mode(ParseMode::Html);
+                        }
+                        request.await.map(|m| vec![m])
+                    }
+                    ItemKind::Document => {
+                        let mut request = bot.send_document(chat, file);
+                        if let Some(caption) = &item.caption {
+                            request = request.caption(caption.clone()).parse_mode(ParseMode::Html);
+                        }
+                        request.await.map(|m| vec![m])
+                    }
+                }
+            }
+            _ => {
+                let group: Vec<InputMedia> = send
+                    .items
+                    .iter()
+                    .zip(media)
+                    .map(|(item, file)| match item.kind {
+                        ItemKind::Photo => {
+                            let mut m = InputMediaPhoto::new(file);
+                            if let Some(caption) = &item.caption {
+                                m = m.caption(caption.clone()).parse_mode(ParseMode::Html);
+                            }
+                            InputMedia::Photo(m)
+                        }
+                        ItemKind::Document => {
+                            let mut m = InputMediaDocument::new(file);
+                            if let Some(caption) = &item.caption {
+                                m = m.caption(caption.clone()).parse_mode(ParseMode::Html);
+                            }
+                            InputMedia::Document(m)
+                        }
+                    })
+                    .collect();
+                bot.send_media_group(chat, group).await
+            }
+        };
+        let status = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(RequestError::RetryAfter(_)) => "429".to_owned(),
+            Err(RequestError::Api(_) | RequestError::MigrateToChatId(_)) => "error".to_owned(),
+            Err(_) => "network".to_owned(),
+        };
+        self.metrics
+            .telegram_requests
+            .get_or_create(&vec![
+                ("method", send.method.as_str().to_owned()),
+                ("status", status),
+            ])
+            .inc();
+        let messages = result.map_err(|e| classify(&e))?;
+        for (item, message) in send.items.iter().zip(&messages) {
+            if let Some(file_id) = returned_file_id(message, item.kind)
+                && let Err(error) = self
+                    .state
+                    .store_file_id(&item.sha256, item.kind, &file_id)
+                    .await
+            {
+                warn!(
+                    error = format!("{error:#}"),
+                    "Cannot store a file_id; the file will be uploaded again."
+                );
+            }
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    async fn input_file(&self, item: &OutboxItem) -> Result<InputFile, Failure> {
+        let known = self
+            .state
+            .file_id(&item.sha256, item.kind)
+            .await
+            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        if let Some(file_id) = known {
+            return Ok(InputFile::file_id(FileId(file_id)));
+        }
+        let bytes = self
+            .state
+            .file_bytes(&item.sha256)
+            .await
+            .map_err(|e| Failure::Permanent(format!("{e:#}")))?;
+        Ok(InputFile::memory(bytes).file_name(item.file_name.clone()))
+    }
+}
+
+fn kind_order(kind: ItemKind) -> u8 {
+    match kind {
+        ItemKind::Photo => 0,
+        ItemKind::Document => 1,
+    }
+}
+
+fn no_preview() -> LinkPreviewOptions {
+    LinkPreviewOptions {
+        is_disabled: true,
+        url: None,
+        prefer_small_media: false,
+        prefer_large_media: false,
+        show_above_text: false,
+    }
+}
+
+/// The `file_id` in a sent message: the largest photo size (the last), or the document.
+fn returned_file_id(message: &Message, kind: ItemKind) -> Option<String> {
+    match kind {
+        ItemKind::Photo => message
+            .photo()
+            .and_then(|sizes| sizes.last())
+            .map(|size| size.file.id.0.clone()),
+        ItemKind::Document => message.document().map(|d| d.file.id.0.clone()),
+    }
+}
+
+/// The same send with every photo as a document (photo albums become document albums).
+fn as_documents(send: &OutboxSend) -> OutboxSend {
+    let items = send
+        .items
+        .iter()
+        .map(|item| OutboxItem {
+            kind: ItemKind::Document,
+            ..item.clone()
+        })
+        .collect();
+    let method = match send.method {
+        Method::SendPhoto => Method::SendDocument,
+        other => other,
+    };
+    OutboxSend {
+        method,
+        items,
+        text: send.text.clone(),
+    }
+}
+
+/// Jittered exponential backoff for transient failures: 1 s, 2 s, 4 s … capped at 5 minutes,
+/// each scaled by a random factor in [0.5, 1.0].
+fn backoff_delay(attempts: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << attempts.min(8)).min(Duration::from_secs(300));
+    let factor = 0.5 + rand::random::<f64>() * 0.5;
+    base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_are_classified() {
+        use Failure::*;
+        let permanent = [
+            "Forbidden: bot was blocked by the user",
+            "Forbidden: bot was kicked from the group chat",
+            "Forbidden: bot is not a member of the supergroup chat",
+            "Forbidden: user is deactivated",
+            "Forbidden: bot can't initiate conversation with a user",
+            "Bad Request: chat not found",
+            "Bad Request: not enough rights to send documents to the chat",
+            "Request Entity Too Large",
+            "Bad Request: message caption is too long",
+        ];
+        for text in permanent {
+            assert!(matches!(classify_description(text), Permanent(_)), "{text}");
+        }
+        assert!(matches!(
+            classify_description("Bad Request: PHOTO_INVALID_DIMENSIONS"),
+            PhotoRefused(_)
+        ));
+        assert_eq!(
+            classify_description(
+                "Bad Request: failed to send message #1 with the error message \"Too Many Requests: retry after 8\""
+            ),
+            RetryAfter(Duration::from_secs(8))
+        );
+        assert!(matches!(
+            classify_description("Bad Request: wrong file identifier/HTTP URL specified"),
+            StaleFileId(_)
+        ));
+        assert!(matches!(
+            classify_description("Internal Server Error: restart"),
+            Transient(_)
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff_delay(0) <= Duration::from_secs(1));
+        assert!(backoff_delay(3) >= Duration::from_secs(4));
+        assert!(backoff_delay(30) <= Duration::from_secs(300));
+    }
+
+    #[test]
+    fn refused_photos_become_documents() {
+        let send = OutboxSend {
+            method: Method::SendPhoto,
+            items: vec![OutboxItem {
+                kind: ItemKind::Photo,
+                sha256: "a".into(),
+                file_name: "a.png".into(),
+                caption: Some("c".into()),
+            }],
+            text: None,
+        };
+        let documents = as_documents(&send);
+        assert_eq!(documents.method, Method::SendDocument);
+        assert_eq!(documents.items[0].kind, ItemKind::Document);
+        assert_eq!(documents.items[0].caption.as_deref(), Some("c"));
+    }
+}
