@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod directory;
 pub mod imap;
 pub mod metrics;
 pub mod replay;
