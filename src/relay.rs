@@ -1,0 +1,246 @@
+//! What happens to one fetched message: parse, check the sender, plan, resolve recipients, and
+//! acknowledge it durably (message, outbox rows and checkpoint in one SQLite transaction).
+//!
+//! This is the watcher's [`crate::imap::MessageSink`] and the engine of `replay --mailbox`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::directory::{Directory, LastUidWriter};
+use crate::metrics::Metrics;
+use crate::report::Report;
+use crate::report::render::{self, PlanOptions};
+use crate::state::{
+    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxItem, OutboxSend, State,
+    StoredFile,
+};
+
+/// Turns fetched messages into outbox rows.
+pub struct Relay {
+    state: State,
+    directory: Arc<Directory>,
+    options: PlanOptions,
+    subject_prefixes: Vec<String>,
+    delivery_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    last_uid: Option<Arc<LastUidWriter>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Relay")
+    }
+}
+
+/// One message to relay.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The mailbox address it arrived in.
+    pub mailbox: String,
+    /// `(UIDVALIDITY, UID)`, or `None` for `replay --mailbox` (keyed by content hash).
+    pub uid: Option<(u32, u32)>,
+    /// The raw RFC 5322 bytes.
+    pub raw: Vec<u8>,
+    /// IMAP INTERNALDATE, if known.
+    pub internal_date: Option<SystemTime>,
+}
+
+/// What [`Relay::relay`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    /// The outcome stored with the message.
+    pub outcome: MessageOutcome,
+    /// How many outbox rows were queued.
+    pub sends: usize,
+    /// How many chats they go to.
+    pub recipients: usize,
+    /// The message was acknowledged before (same UID or same content); nothing was queued.
+    pub duplicate: bool,
+}
+
+impl Relay {
+    /// A relay writing to `state`, resolving through `directory`, waking the delivery worker
+    /// through `delivery_wake`, and queueing `last_uid` write-backs on `last_uid`.
+    pub fn new(
+        state: State,
+        directory: Arc<Directory>,
+        options: PlanOptions,
+        subject_prefixes: Vec<String>,
+        delivery_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+        last_uid: Option<Arc<LastUidWriter>>,
+    ) -> Self {
+        Self {
+            state,
+            directory,
+            options,
+            subject_prefixes,
+            delivery_wake,
+            metrics,
+            last_uid,
+        }
+    }
+
+    /// The state this relay writes to.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Stores the mailbox's checkpoint without a message (first start, new UIDVALIDITY).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn reset_checkpoint(
+        &self,
+        mailbox: &str,
+        checkpoint: Checkpoint,
+    ) -> anyhow::Result<()> {
+        self.state.set_checkpoint(mailbox, checkpoint).await
+    }
+
+    /// Relays one message and acknowledges it. A message that cannot be parsed is stored as
+    /// failed (and logged) so the checkpoint moves on; mail from a sender outside
+    /// `allowed_senders` is stored as filtered and left on the server.
+    ///
+    /// # Errors
+    /// No directory snapshot was ever loaded, or the state cannot be written. Then nothing was
+    /// acknowledged and the caller must retry the message later.
+    pub async fn relay(&self, incoming: Incoming) -> anyhow::Result<Relayed> {
+        let Incoming {
+            mailbox,
+            uid,
+            raw,
+            internal_date,
+        } = incoming;
+        let raw_sha256 = hex::encode(Sha256::digest(&raw));
+        let checkpoint = uid.map(|(uid_validity, last_uid)| Checkpoint {
+            uid_validity,
+            last_uid,
+        });
+        let mut ack = Acknowledgement {
+            mailbox: mailbox.clone(),
+            uid,
+            raw_sha256,
+            title: String::new(),
+            outcome: MessageOutcome::Queued,
+            detail: None,
+            received_at: internal_date,
+            files: Vec::new(),
+            sends: Vec::new(),
+            checkpoint,
+        };
+        let uid_field = uid.map(|u| u.1);
+        let mut mailbox_row_id = None;
+        match Report::parse(&raw, &self.subject_prefixes) {
+            Err(parse_error) => {
+                error!(%mailbox, uid = uid_field, error = %parse_error, "Cannot parse a message; recording it as failed and moving on.");
+                ack.title = "(unparseable message)".into();
+                ack.outcome = MessageOutcome::Failed;
+                ack.detail = Some(parse_error.to_string());
+            }
+            Ok(report) => {
+                ack.title = report.title.clone();
+                let snapshot = self
+                    .directory
+                    .snapshot()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("The directory is not loaded yet"))?;
+                let row = snapshot.mailbox(&mailbox);
+                mailbox_row_id = row.map(|r| r.row_id.clone());
+                let plan = render::plan(&report, &self.options);
+                if let Some(row) = row.filter(|r| !r.allows_sender(report.from.as_deref())) {
+                    warn!(%mailbox, uid = uid_field, from = report.from.as_deref().unwrap_or(""), title = %report.title,
+                          allowed = ?row.allowed_senders, "Mail from a sender outside allowed_senders; not relaying it (it stays on the server).");
+                    ack.outcome = MessageOutcome::Filtered;
+                    ack.detail = Some(format!(
+                        "sender {} is not in allowed_senders",
+                        report.from.as_deref().unwrap_or("(none)")
+                    ));
+                } else if let Some(reason) = plan.skipped {
+                    info!(%mailbox, uid = uid_field, title = %report.title, %reason, "Not relaying this report.");
+                    ack.outcome = MessageOutcome::Skipped;
+                    ack.detail = Some(reason);
+                } else {
+                    let recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
+                    if recipients.is_empty() {
+                        warn!(%mailbox, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");
+                        ack.outcome = MessageOutcome::Skipped;
+                        ack.detail = Some("no registered recipients".into());
+                    }
+                    let sends: Vec<OutboxSend> = plan
+                        .sends
+                        .iter()
+                        .map(|send| OutboxSend {
+                            method: send.method,
+                            text: send.text.clone(),
+                            items: send
+                                .items
+                                .iter()
+                                .map(|item| {
+                                    let file = &report.files[item.file];
+                                    OutboxItem {
+                                        kind: item.kind,
+                                        sha256: file.sha256.clone(),
+                                        file_name: file.name.clone(),
+                                        caption: item.caption.clone(),
+                                    }
+                                })
+                                .collect(),
+                        })
+                        .collect();
+                    for recipient in &recipients {
+                        for send in &sends {
+                            ack.sends.push((recipient.chat_id, send.clone()));
+                        }
+                    }
+                    if !ack.sends.is_empty() {
+                        ack.files = report
+                            .files
+                            .iter()
+                            .map(|f| StoredFile {
+                                sha256: f.sha256.clone(),
+                                bytes: f.bytes.clone(),
+                            })
+                            .collect();
+                    }
+                    info!(%mailbox, uid = uid_field, title = %report.title, recipients = recipients.len(),
+                          sends = ack.sends.len(), "Queued a report.");
+                }
+            }
+        }
+        let sends = ack.sends.len();
+        let recipients = {
+            let mut chats: Vec<i64> = ack.sends.iter().map(|s| s.0).collect();
+            chats.sort_unstable();
+            chats.dedup();
+            chats.len()
+        };
+        let outcome = ack.outcome;
+        let result = self.state.acknowledge(ack).await?;
+        self.metrics
+            .reports_acknowledged
+            .get_or_create(&vec![
+                ("mailbox", mailbox.clone()),
+                ("outcome", outcome.as_str().to_owned()),
+            ])
+            .inc();
+        if sends > 0 && result != AckResult::Duplicate {
+            self.delivery_wake.notify_one();
+        }
+        if let (Some(writer), Some(row_id), Some((_, uid))) = (&self.last_uid, mailbox_row_id, uid)
+        {
+            writer.set(&row_id, uid);
+        }
+        let duplicate = result == AckResult::Duplicate;
+        Ok(Relayed {
+            outcome,
+            sends: if duplicate { 0 } else { sends },
+            recipients: if duplicate { 0 } else { recipients },
+            duplicate,
+        })
+    }
+}
