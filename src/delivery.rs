@@ -216,6 +216,9 @@ pub struct DeliveryWorker {
     wake: Arc<Notify>,
 }
 
+/// A file as Telegram stores it: its sha256 and whether it went as a photo or a document.
+type FileKey = (String, ItemKind);
+
 struct Inner {
     bot: Bot,
     state: State,
@@ -223,7 +226,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     events: Arc<dyn ChatEvents>,
     give_up_after: Duration,
-    uploads: Mutex<HashMap<(String, ItemKind), Arc<tokio::sync::Mutex<()>>>>,
+    uploads: Mutex<HashMap<FileKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The settings of a [`DeliveryWorker`].
@@ -521,7 +524,7 @@ impl Inner {
         // Hold the upload lock of every file without a file_id, so concurrent first sends of
         // the same file wait for one upload instead of uploading again.
         let mut guards = Vec::new();
-        let mut keys: Vec<(String, ItemKind)> = send
+        let mut keys: Vec<FileKey> = send
             .items
             .iter()
             .map(|i| (i.sha256.clone(), i.kind))

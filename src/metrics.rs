@@ -84,9 +84,8 @@ impl Metrics {
             "1 for the current state of each mailbox watcher",
             watcher_state.clone(),
         );
-        let append_to_send_seconds = Histogram::new(
-            [0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0].into_iter(),
-        );
+        let append_to_send_seconds =
+            Histogram::new([0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]);
         registry.register(
             "append_to_send_seconds",
             "Seconds from a message's arrival in the mailbox to Telegram accepting a send",

@@ -550,6 +550,21 @@ impl State {
         .await
     }
 
+    /// Sends that were marked failed at or after `since`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn failed_sends_since(&self, since: SystemTime) -> anyhow::Result<i64> {
+        self.with(move |conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE status = 'failed' AND finished_at >= ?1",
+                [millis(since)],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+
     /// The stored bytes of a file.
     ///
     /// # Errors
