@@ -11,7 +11,11 @@
 # script installs the package it keeps the package's service from starting
 # (temporary policy-rc.d) and disables it, so nothing binds 143/993. A system
 # dovecot that was already installed and running before is left alone (it does
-# not conflict with the test instances: separate base_dir, separate ports).
+# not conflict with the test instances: separate base_dir, separate ports,
+# doveadm always gets `-c <instance config>`), unless you pass
+# --stop-system-dovecot, which stops and disables it as well.
+#
+# Usage: scripts/test-deps.sh [--stop-system-dovecot]
 #
 # Exit status: 0 on success, non-zero with a message on stderr on failure.
 set -euo pipefail
@@ -22,8 +26,30 @@ die() { log "ERROR: $*"; exit 1; }
 # Debian puts dovecot in /usr/sbin, which may be missing from a non-login PATH.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-missing_pkgs=()
+stop_system=0
+case "${1:-}" in
+    "") ;;
+    --stop-system-dovecot) stop_system=1 ;;
+    *) die "unknown argument: $1 (usage: $0 [--stop-system-dovecot])" ;;
+esac
+
 have() { command -v "$1" >/dev/null 2>&1; }
+
+# Stops and disables the system-wide dovecot service (base_dir /run/dovecot,
+# ports 143/993), now and after a reboot. Never touches test instances.
+stop_system_dovecot() {
+    if [ -d /run/systemd/system ] && have systemctl; then
+        systemctl disable --now dovecot.service dovecot.socket >/dev/null 2>&1 || true
+    elif have update-rc.d && [ -e /etc/init.d/dovecot ]; then
+        update-rc.d dovecot disable >/dev/null 2>&1 || true
+    fi
+    if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
+        log "stopping the system-wide dovecot (/run/dovecot)"
+        doveadm stop >/dev/null 2>&1 || kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
+    fi
+}
+
+missing_pkgs=()
 
 if ! have dovecot || ! have doveadm; then
     missing_pkgs+=(dovecot-imapd)
@@ -32,6 +58,10 @@ fi
 getent passwd nobody >/dev/null 2>&1 || die "user 'nobody' does not exist; the Dovecot harness needs it"
 
 if [ "${#missing_pkgs[@]}" -eq 0 ]; then
+    if [ "$stop_system" -eq 1 ]; then
+        [ "$(id -u)" -eq 0 ] || die "--stop-system-dovecot needs root"
+        stop_system_dovecot
+    fi
     exit 0
 fi
 
@@ -49,6 +79,7 @@ cleanup() {
     if [ "$created_policy" -eq 1 ]; then rm -f "$policy"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# temporary, created by report-relay scripts/test-deps.sh\nexit 101\n' >"$policy"
     chmod 0755 "$policy"
@@ -56,12 +87,14 @@ if [ ! -e "$policy" ]; then
 fi
 
 log "installing ${missing_pkgs[*]} ..."
+# Wait for a concurrent apt/dpkg run instead of failing on its lock.
+apt_opts=(-o DPkg::Lock::Timeout=300)
 aptlog=$(mktemp)
-if ! apt-get update -qq >"$aptlog" 2>&1; then
+if ! apt-get "${apt_opts[@]}" update -qq >"$aptlog" 2>&1; then
     cat "$aptlog" >&2; rm -f "$aptlog"
     die "apt-get update failed"
 fi
-if ! apt-get install -y -qq --no-install-recommends \
+if ! apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${missing_pkgs[@]}" >"$aptlog" 2>&1; then
     cat "$aptlog" >&2; rm -f "$aptlog"
@@ -69,17 +102,8 @@ if ! apt-get install -y -qq --no-install-recommends \
 fi
 rm -f "$aptlog"
 
-# Make sure the system service stays out of the way, now and after a reboot.
-if [ -d /run/systemd/system ] && have systemctl; then
-    systemctl disable --now dovecot.service dovecot.socket >/dev/null 2>&1 || true
-elif have update-rc.d && [ -e /etc/init.d/dovecot ]; then
-    update-rc.d dovecot disable >/dev/null 2>&1 || true
-fi
-# If it was started anyway (e.g. a policy-rc.d that allowed it), stop it.
-if [ -s /run/dovecot/master.pid ] && kill -0 "$(cat /run/dovecot/master.pid)" 2>/dev/null; then
-    log "stopping the system dovecot started by the package install"
-    doveadm stop >/dev/null 2>&1 || kill "$(cat /run/dovecot/master.pid)" 2>/dev/null || true
-fi
+# The package's service must not run (and must not start at boot).
+stop_system_dovecot
 
 have dovecot && have doveadm || die "dovecot/doveadm still not found after installing ${missing_pkgs[*]}"
 log "installed: $(dovecot --version 2>/dev/null || echo '?')"

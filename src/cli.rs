@@ -1,4 +1,4 @@
-//! The command line: `replay` now; `run`, `check` and `schema apply` follow the interface.
+//! The command line: `run`, `replay`, `check` and `schema apply` (interface.md).
 //!
 //! `main` parses [`Cli`], sets up logging with [`init_logging`] and hands over to [`Cli::run`].
 
@@ -37,8 +37,37 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Parse e-mail files and print the delivery plan of each (with --dry-run; no network).
+    /// The service: watch every enabled mailbox, relay reports, serve /healthz, /readyz and
+    /// /metrics, until SIGTERM or SIGINT (a second signal exits at once).
+    Run(ConfigArgs),
+    /// Parse e-mail files and print the delivery plan of each (--dry-run, no network), or relay
+    /// them for real as if they had arrived in a mailbox (--mailbox).
     Replay(ReplayArgs),
+    /// Validate the config, log in to SeaTable and check its tables, call Telegram getMe, log in
+    /// to each enabled mailbox; one line per check.
+    Check(ConfigArgs),
+    /// Manage the SeaTable base.
+    Schema {
+        /// What to do.
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+}
+
+/// `report-relay schema …`.
+#[derive(Debug, Subcommand)]
+pub enum SchemaAction {
+    /// Create the tables and columns of seatable-schema/ that the base lacks (never deletes or
+    /// renames).
+    Apply(ConfigArgs),
+}
+
+/// The `--config` argument of the commands that need a config.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// The config file.
+    #[arg(long, env = "REPORT_RELAY_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 /// `report-relay replay`.
@@ -48,8 +77,12 @@ pub struct ReplayArgs {
     #[arg(required = true, value_name = "EML")]
     pub files: Vec<PathBuf>,
     /// Print the plan only; send nothing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mailbox")]
     pub dry_run: bool,
+    /// Relay for real, as if the files had arrived in the mailbox with this address (keyed by
+    /// content hash, so running it twice does not send twice).
+    #[arg(long, value_name = "ADDRESS", requires = "config")]
+    pub mailbox: Option<String>,
     /// Print JSON Lines, one object per file.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
@@ -60,8 +93,23 @@ pub struct ReplayArgs {
 
 /// Sets up `tracing` output on stderr.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // These libraries log request lines at debug/trace: async-imap its LOGIN command with the
+    // password, the HTTP stack URLs with the bot token. Cap them whatever RUST_LOG says.
+    for directive in [
+        "async_imap=info",
+        "imap_proto=info",
+        "reqwest=info",
+        "hyper=info",
+        "hyper_util=info",
+        "teloxide_core=info",
+        "teloxide=info",
+    ] {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -79,8 +127,51 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Replay(args) => replay_command(args),
+            Command::Run(args) => {
+                let config = Config::load(&args.config)?;
+                runtime()?.block_on(crate::app::run(config, crate::app::shutdown_signal()))?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check(args) => {
+                let config = match Config::load(&args.config) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        println!("FAIL config: {error}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
+                let lines = runtime()?.block_on(crate::app::check(&config));
+                for line in &lines {
+                    println!("{} {}", if line.ok { "ok  " } else { "FAIL" }, line.text);
+                }
+                Ok(if lines.iter().all(|l| l.ok) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Schema {
+                action: SchemaAction::Apply(args),
+            } => {
+                let config = Config::load(&args.config)?;
+                let created = runtime()?.block_on(crate::app::schema_apply(&config))?;
+                if created.is_empty() {
+                    println!("The base already has every table and column.");
+                }
+                for line in created {
+                    println!("created {line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("Failed to start the async runtime")
 }
 
 fn replay_command(args: ReplayArgs) -> anyhow::Result<ExitCode> {

@@ -358,7 +358,10 @@ impl Directory {
     /// SeaTable failed and there is no persisted snapshot (the caller retries).
     pub async fn load(&self) -> anyhow::Result<SnapshotSource> {
         match self.fetch_and_keep().await {
-            Ok(_) => Ok(SnapshotSource::SeaTable),
+            Ok(snapshot) => {
+                self.cache.insert((), snapshot).await;
+                Ok(SnapshotSource::SeaTable)
+            }
             Err(error) => {
                 let persisted = self.state.load_snapshot().await?;
                 let Some(json) = persisted else {
@@ -375,6 +378,8 @@ impl Directory {
                 );
                 let snapshot = Arc::new(snapshot);
                 self.keep(snapshot.clone());
+                // Serve it for a TTL before trying SeaTable again from the report path.
+                self.cache.insert((), snapshot).await;
                 Ok(SnapshotSource::Persisted)
             }
         }
@@ -456,6 +461,7 @@ impl Directory {
     }
 
     async fn fetch_and_keep(&self) -> anyhow::Result<Arc<Snapshot>> {
+        // (The SeaTable client retries transient failures itself before giving up.)
         let snapshot = Arc::new(self.backend.fetch().await?);
         debug!(
             users = snapshot.users.len(),

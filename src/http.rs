@@ -38,7 +38,7 @@ fn rfc3339<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::O
     match time {
         Some(time) => {
             let time: chrono::DateTime<chrono::Utc> = (*time).into();
-            s.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            s.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         }
         None => s.serialize_none(),
     }

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -23,3 +24,4 @@ pub mod report;
 pub mod schema;
 pub mod seatable;
 pub mod state;
+pub mod supervisor;

@@ -244,3 +244,28 @@ impl Relay {
         })
     }
 }
+
+impl crate::imap::MessageSink for Relay {
+    async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
+        self.state.checkpoint(mailbox).await
+    }
+
+    async fn reset_checkpoint(&self, mailbox: &str, checkpoint: Checkpoint) -> anyhow::Result<()> {
+        self.state.set_checkpoint(mailbox, checkpoint).await
+    }
+
+    async fn acknowledge(
+        &self,
+        mailbox: &str,
+        message: crate::imap::FetchedMessage,
+    ) -> anyhow::Result<()> {
+        self.relay(Incoming {
+            mailbox: mailbox.to_owned(),
+            uid: Some((message.uid_validity, message.uid)),
+            raw: message.raw,
+            internal_date: message.internal_date,
+        })
+        .await
+        .map(|_| ())
+    }
+}

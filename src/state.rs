@@ -18,15 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::render::{ItemKind, Method};
 
-/// Where a mailbox's watcher stands: the UIDVALIDITY of the folder and the highest UID relayed
-/// (RFC 3501 §2.3.1.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// The folder's UIDVALIDITY when `last_uid` was relayed.
-    pub uid_validity: u32,
-    /// The highest UID acknowledged.
-    pub last_uid: u32,
-}
+pub use crate::imap::Checkpoint;
 
 /// A handle on the state database; cheap to clone.
 #[derive(Clone)]

@@ -1,0 +1,583 @@
+//! The composition root: builds the clients, spawns the tasks, shuts down gracefully.
+//!
+//! `report-relay run` is [`run`]; `check`, `schema apply` and `replay --mailbox` are here too,
+//! because they wire the same pieces.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, TableNames};
+use crate::delivery::{ChatEvents, DeliverySettings, DeliveryWorker, sending_bot};
+use crate::directory::{Directory, DirectoryBackend, LastUidWriter, Snapshot, SnapshotSource};
+use crate::metrics::Metrics;
+use crate::relay::{Incoming, Relay};
+use crate::report::render::PlanOptions;
+use crate::schema::Schema;
+use crate::seatable::SeaTableClient;
+use crate::state::State;
+use crate::supervisor::{Supervisor, Watchers};
+
+/// How long `last_uid` write-backs are coalesced, per mailbox.
+const LAST_UID_WRITE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long shutdown waits for watchers and in-flight work after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// The directory backed by SeaTable.
+pub struct SeaTableBackend {
+    client: SeaTableClient,
+    tables: TableNames,
+}
+
+impl std::fmt::Debug for SeaTableBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeaTableBackend")
+    }
+}
+
+impl SeaTableBackend {
+    /// A backend reading and writing the configured tables through `client`.
+    pub fn new(client: SeaTableClient, tables: TableNames) -> Self {
+        Self { client, tables }
+    }
+
+    /// The SeaTable client.
+    pub fn client(&self) -> &SeaTableClient {
+        &self.client
+    }
+}
+
+/// Quotes a table or column name for SeaTable SQL.
+pub fn quote(identifier: &str) -> String {
+    format!("`{}`", identifier.replace('`', ""))
+}
+
+impl DirectoryBackend for SeaTableBackend {
+    fn fetch(&self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
+        Box::pin(async move {
+            let (users, mailboxes, groups) = tokio::try_join!(
+                self.client.list_rows(&self.tables.users),
+                self.client.list_rows(&self.tables.mailboxes),
+                self.client.list_rows(&self.tables.groups),
+            )?;
+            let maps = |rows: Vec<crate::seatable::Row>| -> Vec<Map<String, Value>> {
+                rows.into_iter().map(|r| r.into_map()).collect()
+            };
+            Ok(Snapshot::from_rows(
+                &maps(users),
+                &maps(mailboxes),
+                &maps(groups),
+            ))
+        })
+    }
+
+    fn write_last_uid(
+        &self,
+        mailbox_row_id: &str,
+        last_uid: u32,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        let row_id = mailbox_row_id.to_owned();
+        Box::pin(async move {
+            let mut row = Map::new();
+            row.insert("last_uid".into(), json!(last_uid.to_string()));
+            self.client
+                .update_rows(&self.tables.mailboxes, &[(row_id, row)])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn rewrite_group_chat_id(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let sql = format!(
+                "UPDATE {} SET `id_telegram_chat` = ? WHERE `id_telegram_chat` = ?",
+                quote(&self.tables.groups)
+            );
+            self.client
+                .sql(&sql, &[json!(new.to_string()), json!(old.to_string())])
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+/// Tells the directory about migrated groups.
+struct DirectoryEvents(Arc<Directory>);
+
+impl ChatEvents for DirectoryEvents {
+    fn chat_migrated(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move { self.0.migrate_group(old, new).await })
+    }
+}
+
+/// The HTTP client for SeaTable: every request times out.
+fn seatable_http() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+fn seatable_client(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<SeaTableClient> {
+    Ok(SeaTableClient::new(
+        &config.seatable.server_url,
+        config.seatable.api_token.clone(),
+        seatable_http()?,
+        metrics,
+    )?)
+}
+
+/// Checks that the base has every table and column the relay writes (SeaTable silently ignores
+/// unknown column names on writes).
+///
+/// # Errors
+/// One line per missing table or column, e.g. `table users has no column id_telegram`; or
+/// SeaTable could not be reached.
+pub async fn check_schema(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<()> {
+    let metadata = client.metadata().await?;
+    let missing = Schema::bundled()
+        .with_table_names(tables)
+        .missing(&metadata);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "the SeaTable base lacks what the relay needs ({}); run `report-relay schema apply`",
+            missing.join("; ")
+        )
+    }
+}
+
+/// The pieces shared by `run` and `replay --mailbox`.
+struct Core {
+    state: State,
+    metrics: Arc<Metrics>,
+    directory: Arc<Directory>,
+    backend: Arc<SeaTableBackend>,
+}
+
+async fn core(config: &Config) -> anyhow::Result<Core> {
+    let state = State::open(&config.state.path)?;
+    let metrics = Arc::new(Metrics::new());
+    let client = seatable_client(config, metrics.clone())?;
+    let backend = Arc::new(SeaTableBackend::new(client, config.seatable.tables.clone()));
+    let directory = Arc::new(Directory::new(
+        backend.clone(),
+        state.clone(),
+        Duration::from_secs(config.seatable.cache_ttl_secs),
+    ));
+    Ok(Core {
+        state,
+        metrics,
+        directory,
+        backend,
+    })
+}
+
+fn plan_options(config: &Config) -> PlanOptions {
+    PlanOptions::new(
+        config.telegram.png_as,
+        config.telegram.max_upload_bytes,
+        &config.reports,
+    )
+}
+
+/// `report-relay run`: the service, until `shutdown` resolves.
+///
+/// # Errors
+/// A fatal start-up error: the state cannot be opened, the HTTP address cannot be bound, or
+/// SeaTable answers but lacks a required table or column.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let Core {
+        state,
+        metrics,
+        directory,
+        backend,
+    } = core(&config).await?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let watchers = Watchers::new(directory.clone());
+    let http = tokio::spawn(crate::http::serve(
+        config.http.listen,
+        watchers.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
+
+    // Load the directory: SeaTable, else the persisted snapshot, else keep retrying.
+    let mut delay = Duration::from_secs(1);
+    tokio::pin!(shutdown);
+    loop {
+        match directory.load().await {
+            Ok(SnapshotSource::SeaTable) => {
+                // SeaTable answers: it must have every column the relay writes, because it
+                // silently ignores unknown column names on writes.
+                if let Err(error) = check_schema(backend.client(), &config.seatable.tables).await {
+                    cancel.cancel();
+                    let _ = http.await;
+                    return Err(error);
+                }
+                break;
+            }
+            Ok(SnapshotSource::Persisted) => {
+                warn!(
+                    "Started from the persisted directory; the SeaTable schema is checked once it answers."
+                );
+                break;
+            }
+            Err(error) => {
+                error!(
+                    error = format!("{error:#}"),
+                    retry_in_secs = delay.as_secs(),
+                    "Cannot load the directory; retrying."
+                );
+                tokio::select! {
+                    () = &mut shutdown => { cancel.cancel(); let _ = http.await; return Ok(()); }
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+
+    let bot = sending_bot(
+        &config.telegram.bot_token,
+        &config.telegram.api_url,
+        config.telegram.max_upload_bytes,
+    )?;
+    let (worker, wake) = DeliveryWorker::new(
+        bot,
+        state.clone(),
+        &DeliverySettings {
+            concurrency: config.delivery.concurrency,
+            give_up_after: Duration::from_secs(config.delivery.give_up_after_secs),
+            limits: config.telegram.limits,
+        },
+        metrics.clone(),
+        Arc::new(DirectoryEvents(directory.clone())),
+    );
+    tracker.spawn(worker.run(cancel.clone()));
+
+    let last_uid = Arc::new(LastUidWriter::new(backend.clone(), LAST_UID_WRITE_INTERVAL));
+    tracker.spawn(last_uid.clone().run(cancel.clone()));
+
+    let relay = Arc::new(Relay::new(
+        state.clone(),
+        directory.clone(),
+        plan_options(&config),
+        config.reports.subject_prefixes.clone(),
+        wake,
+        metrics.clone(),
+        Some(last_uid),
+    ));
+    let supervisor = Supervisor::new(
+        config.clone(),
+        directory.clone(),
+        relay,
+        metrics.clone(),
+        watchers,
+    );
+    tracker.spawn(supervisor.run(cancel.clone(), SHUTDOWN_GRACE / 2));
+    tracker.close();
+    info!("report-relay is running.");
+
+    shutdown.await;
+    info!("Shutting down.");
+    cancel.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("Some tasks did not stop within the shutdown deadline.");
+    }
+    let _ = http.await;
+    info!("Stopped.");
+    Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT; a second signal exits the process at once.
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    info!("Received a shutdown signal; a second one exits at once.");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("report-relay: second signal, exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `report-relay replay EML... --mailbox ADDRESS`: relays the files for real as if they had
+/// arrived in that mailbox, keyed by content hash (running it twice sends nothing twice).
+/// Returns whether every recipient got every file.
+///
+/// # Errors
+/// The state, SeaTable or Telegram could not be used at all.
+pub async fn replay_to_mailbox(
+    config: Config,
+    files: Vec<PathBuf>,
+    mailbox: String,
+) -> anyhow::Result<bool> {
+    let Core {
+        state,
+        metrics,
+        directory,
+        ..
+    } = core(&config).await?;
+    directory
+        .load()
+        .await
+        .context("Cannot load the directory")?;
+    let snapshot = directory.last_good().context("The directory is empty")?;
+    if snapshot.mailbox(&mailbox).is_none() {
+        anyhow::bail!("no mailbox row has the address {mailbox}");
+    }
+    let bot = sending_bot(
+        &config.telegram.bot_token,
+        &config.telegram.api_url,
+        config.telegram.max_upload_bytes,
+    )?;
+    let (worker, wake) = DeliveryWorker::new(
+        bot,
+        state.clone(),
+        &DeliverySettings {
+            concurrency: config.delivery.concurrency,
+            give_up_after: Duration::from_secs(config.delivery.give_up_after_secs),
+            limits: config.telegram.limits,
+        },
+        metrics.clone(),
+        Arc::new(DirectoryEvents(directory.clone())),
+    );
+    let relay = Relay::new(
+        state.clone(),
+        directory.clone(),
+        plan_options(&config),
+        config.reports.subject_prefixes.clone(),
+        wake,
+        metrics,
+        None,
+    );
+    let mut all_ok = true;
+    let started = std::time::SystemTime::now();
+    for path in &files {
+        let raw = match std::fs::read(path) {
+            Ok(raw) => raw,
+            Err(error) => {
+                error!(file = %path.display(), %error, "Cannot read the file.");
+                all_ok = false;
+                continue;
+            }
+        };
+        let relayed = relay
+            .relay(Incoming {
+                mailbox: mailbox.clone(),
+                uid: None,
+                raw,
+                internal_date: None,
+            })
+            .await?;
+        println!(
+            "{}: {}{}",
+            path.display(),
+            relayed.outcome.as_str(),
+            if relayed.duplicate {
+                " (already relayed before; nothing sent)".to_owned()
+            } else {
+                format!(", {} sends to {} chats", relayed.sends, relayed.recipients)
+            }
+        );
+        if relayed.outcome == crate::state::MessageOutcome::Failed {
+            all_ok = false;
+        }
+    }
+    // Drain the outbox, then stop.
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(worker.run(cancel.clone()));
+    loop {
+        let pending = state.pending_count().await?;
+        if pending == 0 {
+            break;
+        }
+        let next = state.next_due_at().await?;
+        if let Some(next) = next
+            && next
+                .duration_since(std::time::SystemTime::now())
+                .is_ok_and(|d| d > Duration::from_secs(600))
+        {
+            warn!(
+                pending,
+                "Some sends wait longer than 10 minutes; they stay in the outbox for `run`."
+            );
+            all_ok = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    let _ = worker.await;
+    if state.failed_sends_since(started).await? > 0 {
+        all_ok = false;
+    }
+    Ok(all_ok)
+}
+
+/// One line of `report-relay check`.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    /// Whether the check passed.
+    pub ok: bool,
+    /// What was checked and what happened.
+    pub text: String,
+}
+
+/// `report-relay check`: SeaTable login and schema, Telegram `getMe`, and a login to each
+/// enabled mailbox. Returns one line per check.
+pub async fn check(config: &Config) -> Vec<CheckLine> {
+    let mut lines = vec![CheckLine {
+        ok: true,
+        text: "config: valid".into(),
+    }];
+    let metrics = Arc::new(Metrics::new());
+    let client = match seatable_client(config, metrics.clone()) {
+        Ok(client) => client,
+        Err(error) => {
+            lines.push(CheckLine {
+                ok: false,
+                text: format!("seatable: {error:#}"),
+            });
+            return lines;
+        }
+    };
+    let mut snapshot = None;
+    match client.login().await {
+        Ok(_) => {
+            lines.push(CheckLine {
+                ok: true,
+                text: format!("seatable: logged in to {}", config.seatable.server_url),
+            });
+            match check_schema(&client, &config.seatable.tables).await {
+                Ok(()) => lines.push(CheckLine {
+                    ok: true,
+                    text: "seatable: every table and column the relay needs exists".into(),
+                }),
+                Err(error) => lines.push(CheckLine {
+                    ok: false,
+                    text: format!("seatable: {error:#}"),
+                }),
+            }
+            let backend = SeaTableBackend::new(client.clone(), config.seatable.tables.clone());
+            match backend.fetch().await {
+                Ok(s) => {
+                    lines.push(CheckLine {
+                        ok: true,
+                        text: format!(
+                            "seatable: {} users, {} mailboxes ({} enabled), {} groups",
+                            s.users.len(),
+                            s.mailboxes.len(),
+                            s.enabled_mailboxes().len(),
+                            s.groups.len()
+                        ),
+                    });
+                    snapshot = Some(s);
+                }
+                Err(error) => lines.push(CheckLine {
+                    ok: false,
+                    text: format!("seatable: cannot read the tables: {error:#}"),
+                }),
+            }
+        }
+        Err(error) => lines.push(CheckLine {
+            ok: false,
+            text: format!("seatable: cannot log in: {error}"),
+        }),
+    }
+
+    match sending_bot(
+        &config.telegram.bot_token,
+        &config.telegram.api_url,
+        config.telegram.max_upload_bytes,
+    ) {
+        Ok(bot) => {
+            use teloxide::prelude::Requester;
+            match tokio::time::timeout(Duration::from_secs(30), bot.get_me()).await {
+                Ok(Ok(me)) => lines.push(CheckLine {
+                    ok: true,
+                    text: format!(
+                        "telegram: getMe answered @{}",
+                        me.user.username.as_deref().unwrap_or("?")
+                    ),
+                }),
+                Ok(Err(error)) => lines.push(CheckLine {
+                    ok: false,
+                    text: format!("telegram: getMe failed: {error}"),
+                }),
+                Err(_) => lines.push(CheckLine {
+                    ok: false,
+                    text: "telegram: getMe timed out".into(),
+                }),
+            }
+        }
+        Err(error) => lines.push(CheckLine {
+            ok: false,
+            text: format!("telegram: {error:#}"),
+        }),
+    }
+
+    if let Some(snapshot) = snapshot {
+        for row in snapshot.enabled_mailboxes() {
+            let line = match crate::supervisor::mailbox_settings(row, config) {
+                Err(message) => CheckLine {
+                    ok: false,
+                    text: format!("imap {}: {message}", row.email),
+                },
+                Ok(settings) => match crate::imap::check_login(&settings).await {
+                    Ok(summary) => CheckLine {
+                        ok: true,
+                        text: format!("imap {}: {summary}", row.email),
+                    },
+                    Err(error) => CheckLine {
+                        ok: false,
+                        text: format!("imap {}: {error:#}", row.email),
+                    },
+                },
+            };
+            lines.push(line);
+        }
+    }
+    lines
+}
+
+/// `report-relay schema apply`: creates the tables and columns the base lacks. Returns what
+/// was created.
+///
+/// # Errors
+/// SeaTable refused or could not be reached.
+pub async fn schema_apply(config: &Config) -> anyhow::Result<Vec<String>> {
+    let client = seatable_client(config, Arc::new(Metrics::new()))?;
+    let schema = Schema::bundled().with_table_names(&config.seatable.tables);
+    Ok(crate::schema::apply(&client, &schema).await?)
+}

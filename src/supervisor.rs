@@ -1,0 +1,331 @@
+//! The supervisor: exactly one [`MailboxWatcher`] per enabled mailbox row.
+//!
+//! Every `seatable.reload_secs` it re-reads the mailboxes table, starts watchers for new rows,
+//! stops those whose row was removed or disabled (closing their connections), and restarts those
+//! whose connection settings changed. A watcher that panics is restarted after a short pause.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::directory::{Directory, Mailbox};
+use crate::http::{HealthSource, MailboxHealth};
+use crate::imap::{
+    ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink, WatcherState, WatcherStatus,
+};
+use crate::metrics::Metrics;
+
+/// Poll interval for servers without IDLE, in seconds.
+pub const POLL_SECS: u64 = 60;
+
+/// Builds a watcher's settings from its row, falling back to the `imap` config section.
+///
+/// # Errors
+/// A message naming what is missing: a host (row `imap_host` or `imap.host`) or a password
+/// (row `imap_password` or `imap.accounts.<address>.password`).
+pub fn mailbox_settings(row: &Mailbox, config: &Config) -> Result<MailboxSettings, String> {
+    let imap = &config.imap;
+    let host = row
+        .imap_host
+        .clone()
+        .or_else(|| imap.host.clone())
+        .ok_or_else(|| {
+            format!(
+                "mailbox {} has no imap_host and imap.host is not set in the config",
+                row.email
+            )
+        })?;
+    let password = match &row.imap_password {
+        Some(password) => SecretString::from(password.clone()),
+        None => imap.password_for(&row.email).cloned().ok_or_else(|| {
+            format!(
+                "mailbox {} has no imap_password and imap.accounts has no password for it",
+                row.email
+            )
+        })?,
+    };
+    Ok(MailboxSettings {
+        address: row.email.clone(),
+        host,
+        port: row.imap_port.unwrap_or(imap.port),
+        tls: imap.tls,
+        login: row.imap_login.clone().unwrap_or_else(|| row.email.clone()),
+        password,
+        folder: row.folder.clone().unwrap_or_else(|| imap.folder.clone()),
+        idle_renew_secs: imap.idle_renew_secs,
+        seed_last_uid: row.last_uid,
+        timeouts: ImapTimeouts::default(),
+        poll_secs: POLL_SECS,
+    })
+}
+
+/// Whether two settings need different connections (the seed UID does not matter once running).
+fn same_connection(a: &MailboxSettings, b: &MailboxSettings) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.tls == b.tls
+        && a.login == b.login
+        && a.password.expose_secret() == b.password.expose_secret()
+        && a.folder == b.folder
+        && a.idle_renew_secs == b.idle_renew_secs
+}
+
+struct Running {
+    settings: MailboxSettings,
+    cancel: CancellationToken,
+    task: tokio::task::Id,
+}
+
+/// The watchers' statuses, shared with `/readyz`.
+pub struct Watchers {
+    directory: Arc<Directory>,
+    statuses: Mutex<BTreeMap<String, (watch::Receiver<WatcherStatus>, SystemTime)>>,
+}
+
+impl std::fmt::Debug for Watchers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watchers")
+    }
+}
+
+impl Watchers {
+    /// An empty registry.
+    pub fn new(directory: Arc<Directory>) -> Arc<Self> {
+        Arc::new(Self {
+            directory,
+            statuses: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn insert(&self, address: &str, status: watch::Receiver<WatcherStatus>) {
+        if let Ok(mut map) = self.statuses.lock() {
+            map.insert(address.to_owned(), (status, SystemTime::now()));
+        }
+    }
+
+    fn remove(&self, address: &str) {
+        if let Ok(mut map) = self.statuses.lock() {
+            map.remove(address);
+        }
+    }
+
+    /// The current status of every watched mailbox.
+    pub fn statuses(&self) -> Vec<(String, WatcherStatus)> {
+        self.statuses
+            .lock()
+            .map(|map| {
+                map.iter()
+                    .map(|(address, (rx, _))| (address.clone(), rx.borrow().clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl HealthSource for Watchers {
+    fn directory_loaded(&self) -> bool {
+        self.directory.is_loaded()
+    }
+
+    fn mailboxes(&self) -> Vec<MailboxHealth> {
+        let Ok(map) = self.statuses.lock() else {
+            return Vec::new();
+        };
+        map.iter()
+            .map(|(address, (rx, started_at))| {
+                let status = rx.borrow().clone();
+                let last_error = match &status.state {
+                    WatcherState::Backoff { last_error } => Some(last_error.clone()),
+                    _ => None,
+                };
+                MailboxHealth {
+                    mailbox: address.clone(),
+                    state: status.state.name().to_owned(),
+                    last_error,
+                    last_catch_up: status.last_catch_up,
+                    started_at: *started_at,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Keeps one watcher per enabled mailbox row.
+pub struct Supervisor<S: MessageSink> {
+    config: Arc<Config>,
+    directory: Arc<Directory>,
+    sink: Arc<S>,
+    metrics: Arc<Metrics>,
+    watchers: Arc<Watchers>,
+    reload: Duration,
+}
+
+impl<S: MessageSink> Supervisor<S> {
+    /// A supervisor reading mailboxes from `directory` every `seatable.reload_secs`.
+    pub fn new(
+        config: Arc<Config>,
+        directory: Arc<Directory>,
+        sink: Arc<S>,
+        metrics: Arc<Metrics>,
+        watchers: Arc<Watchers>,
+    ) -> Self {
+        let reload = Duration::from_secs(config.seatable.reload_secs);
+        Self {
+            config,
+            directory,
+            sink,
+            metrics,
+            watchers,
+            reload,
+        }
+    }
+
+    /// Runs until `cancel` fires, then stops every watcher and waits up to `grace` for them to
+    /// close their connections before aborting the rest.
+    pub async fn run(self, cancel: CancellationToken, grace: Duration) {
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut running: HashMap<String, Running> = HashMap::new();
+        let mut by_task: HashMap<tokio::task::Id, String> = HashMap::new();
+        // The first pass uses the snapshot loaded at start (maybe the persisted one) without
+        // waiting for SeaTable; later passes re-read the mailboxes table.
+        if let Some(snapshot) = self.directory.last_good() {
+            self.reconcile_with(&snapshot, &mut tasks, &mut running, &mut by_task);
+        }
+        let mut next_reload = tokio::time::Instant::now() + self.reload;
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(done) = tasks.join_next_with_id() => {
+                    let (id, panicked) = match done {
+                        Ok((id, ())) => (id, None),
+                        Err(error) => (error.id(), error.is_panic().then(|| error.to_string())),
+                    };
+                    let Some(address) = by_task.remove(&id) else { continue };
+                    let still_wanted = running.get(&address).is_some_and(|r| r.task == id);
+                    if !still_wanted {
+                        continue;
+                    }
+                    let entry = running.remove(&address);
+                    if let (Some(reason), Some(entry)) = (panicked, entry) {
+                        error!(mailbox = %address, reason, "A mailbox watcher panicked; restarting it.");
+                        tokio::select! {
+                            () = cancel.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        self.start(&mut tasks, &mut running, &mut by_task, entry.settings);
+                    }
+                }
+                () = tokio::time::sleep_until(next_reload) => {
+                    self.reconcile(&mut tasks, &mut running, &mut by_task).await;
+                    next_reload = tokio::time::Instant::now() + self.reload;
+                }
+            }
+        }
+        for entry in running.values() {
+            entry.cancel.cancel();
+        }
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!("Some mailbox watchers did not stop in time; aborting them.");
+            tasks.shutdown().await;
+        }
+        info!("All mailbox watchers stopped.");
+    }
+
+    async fn reconcile(
+        &self,
+        tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, Running>,
+        by_task: &mut HashMap<tokio::task::Id, String>,
+    ) {
+        let snapshot = match self.directory.refresh().await {
+            Ok(snapshot) => snapshot,
+            Err(error) => match self.directory.last_good() {
+                Some(snapshot) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "Cannot re-read the mailboxes from SeaTable; keeping the current watchers."
+                    );
+                    snapshot
+                }
+                None => return,
+            },
+        };
+        self.reconcile_with(&snapshot, tasks, running, by_task);
+    }
+
+    fn reconcile_with(
+        &self,
+        snapshot: &crate::directory::Snapshot,
+        tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, Running>,
+        by_task: &mut HashMap<tokio::task::Id, String>,
+    ) {
+        let mut wanted: HashMap<String, MailboxSettings> = HashMap::new();
+        for row in snapshot.enabled_mailboxes() {
+            match mailbox_settings(row, &self.config) {
+                Ok(settings) => {
+                    wanted.insert(row.email.to_ascii_lowercase(), settings);
+                }
+                Err(message) => warn!(mailbox = %row.email, "{message}; not watching it."),
+            }
+        }
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(key, entry)| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|w| !same_connection(w, &entry.settings))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(entry) = running.remove(&key) {
+                info!(mailbox = %entry.settings.address, "Stopping the watcher: its row was removed, disabled or changed.");
+                entry.cancel.cancel();
+                self.watchers.remove(&entry.settings.address);
+            }
+        }
+        for (key, settings) in wanted {
+            if !running.contains_key(&key) {
+                self.start(tasks, running, by_task, settings);
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, Running>,
+        by_task: &mut HashMap<tokio::task::Id, String>,
+        settings: MailboxSettings,
+    ) {
+        let key = settings.address.to_ascii_lowercase();
+        info!(mailbox = %settings.address, host = %settings.host, port = settings.port, folder = %settings.folder, "Starting a mailbox watcher.");
+        let (watcher, status) =
+            MailboxWatcher::new(settings.clone(), self.sink.clone(), self.metrics.clone());
+        self.watchers.insert(&settings.address, status);
+        let cancel = CancellationToken::new();
+        let child = cancel.clone();
+        let task = tasks.spawn(async move { watcher.run(child).await }).id();
+        by_task.insert(task, key.clone());
+        running.insert(
+            key,
+            Running {
+                settings,
+                cancel,
+                task,
+            },
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! The relay end to end: a real Dovecot, the fake SeaTable and Telegram servers, and
+//! `report-relay run` (in process, or the binary for the crash test).
+
+#[path = "support/dovecot.rs"]
+mod dovecot;
+#[path = "support/seatable.rs"]
+mod seatable;
+#[path = "support/stack.rs"]
+mod stack;
+#[path = "support/telegram.rs"]
+mod telegram;
+
+use std::time::Duration;
+
+use stack::{ADDRESS, Stack, Tuning, fixture};
+use telegram::{Fault, FaultRule, FileSource};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+const ANN: i64 = 111_222_333;
+const BOB: i64 = 222_333_444;
+const SALES_GROUP: i64 = -1_001_987_654_321;
+
+fn uploads_and_file_id_sends(stack: &Stack, sha256: &str) -> (usize, usize) {
+    let mut uploads = 0;
+    let mut by_id = 0;
+    for call in stack.telegram.calls() {
+        if !call.is_ok() {
+            continue;
+        }
+        for file in &call.files {
+            if file.sha256.as_deref() != Some(sha256) {
+                continue;
+            }
+            match file.source {
+                FileSource::Upload { .. } => uploads += 1,
+                FileSource::FileId(_) => by_id += 1,
+            }
+        }
+    }
+    (uploads, by_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chart_reaches_two_users_and_a_group_with_its_caption() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    stack.add_user("Bob", Some(BOB), &[&mailbox]);
+    stack.add_user("Not registered", None, &[&mailbox]);
+    stack.add_group("Sales team", Some(SALES_GROUP), &[&mailbox]);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    let calls = stack
+        .wait_for_sends(&[ANN, BOB, SALES_GROUP], 1, WAIT)
+        .await;
+    for chat in [ANN, BOB, SALES_GROUP] {
+        let sends = stack.ok_sends_to(chat);
+        assert_eq!(sends.len(), 1, "chat {chat}");
+        let call = &sends[0];
+        assert_eq!(call.method, "sendPhoto");
+        assert_eq!(call.parse_mode.as_deref(), Some("HTML"));
+        assert!(
+            call.caption
+                .as_deref()
+                .unwrap()
+                .starts_with("<b>Weekly Sales: Revenue by Region</b>")
+        );
+        assert_eq!(
+            call.files[0].file_name.as_deref(),
+            Some("Weekly Sales: Revenue by Region.png")
+        );
+        assert_eq!(
+            call.files[0].sha256.as_deref(),
+            Some("51f923f1d843eb373ba3fd56bedc3636bb7d69da018c1a8169b35c1edb6125bd")
+        );
+    }
+    let sha = "51f923f1d843eb373ba3fd56bedc3636bb7d69da018c1a8169b35c1edb6125bd";
+    assert_eq!(uploads_and_file_id_sends(&stack, sha), (1, 2));
+    assert_eq!(calls.iter().filter(|c| c.is_send()).count(), 3);
+
+    // The relay wrote its checkpoint back to the mailbox row, as decimal text.
+    stack
+        .seatable
+        .wait_until(|s| {
+            s.row("mailboxes", &mailbox)
+                .and_then(|r| r.get("last_uid").cloned())
+                .is_some_and(|v| v == "1")
+        })
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_tab_dashboard_is_one_album() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("02_dashboard_png_3tabs.eml")).await;
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+    let sends = stack.ok_sends_to(ANN);
+    assert_eq!(sends.len(), 1);
+    assert_eq!(sends[0].method, "sendMediaGroup");
+    assert_eq!(sends[0].delivered_messages(), 3);
+    let names: Vec<_> = sends[0]
+        .files
+        .iter()
+        .map(|f| f.file_name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "Daily Ops: Operations Overview (1).png",
+            "Daily Ops: Operations Overview (2).png",
+            "Daily Ops: Operations Overview (3).png"
+        ]
+    );
+    assert!(sends[0].files[0].caption.is_some());
+    assert!(sends[0].files[1].caption.is_none());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_to_sixty_subscribers_is_uploaded_once() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    let chats: Vec<i64> = (0..60).map(|i| 300_000_000 + i).collect();
+    for (i, chat) in chats.iter().enumerate() {
+        stack.add_user(&format!("User {i}"), Some(*chat), &[&mailbox]);
+    }
+    let tuning = Tuning {
+        global_per_second: 200,
+        ..Tuning::default()
+    };
+    let relay = stack.start(&tuning);
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
+    stack.wait_for_sends(&chats, 1, WAIT).await;
+    let sha = "e80dbd8937dca43a6de7296b9cd8d649ed0c0699f5187a69c199c8d980b10284";
+    assert_eq!(uploads_and_file_id_sends(&stack, sha), (1, 59));
+    for chat in &chats {
+        assert_eq!(stack.ok_sends_to(*chat).len(), 1, "chat {chat}");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_that_arrives_while_stopped_is_relayed_on_start() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+    relay.stop().await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    let relay = stack.start(&Tuning::default());
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+    assert_eq!(stack.ok_sends_to(ANN).len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_keep_arriving_after_a_kick_and_a_dovecot_restart() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+
+    assert!(stack.dovecot.kick(ADDRESS).await.unwrap());
+    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 2, WAIT).await;
+
+    stack.dovecot.restart().await.unwrap();
+    stack.deliver(&fixture("04_chart_csv_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 3, WAIT).await;
+    let methods: Vec<_> = stack
+        .ok_sends_to(ANN)
+        .iter()
+        .map(|c| c.method.clone())
+        .collect();
+    assert_eq!(methods, ["sendPhoto", "sendDocument", "sendDocument"]);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_delays_only_its_chat_and_a_blocked_user_does_not_stop_the_others() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    const BLOCKED: i64 = 555_666_777;
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    stack.add_user("Bob", Some(BOB), &[&mailbox]);
+    stack.add_user("Blocker", Some(BLOCKED), &[&mailbox]);
+    stack
+        .telegram
+        .inject(FaultRule::new(Fault::RetryAfter(3)).chat(ANN));
+    stack.telegram.block_chat(BLOCKED);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN, BOB], 1, WAIT).await;
+    let calls = stack.telegram.calls();
+    let first_ann = calls
+        .iter()
+        .find(|c| c.chat_id == Some(ANN) && c.is_send())
+        .unwrap();
+    let bob = stack.ok_sends_to(BOB).remove(0);
+    let ann = stack.ok_sends_to(ANN).remove(0);
+    // Bob was not held up by Ann's flood wait; Ann got it after waiting retry_after.
+    assert!(bob.received_at < first_ann.received_at + Duration::from_secs(2));
+    assert!(ann.received_at >= first_ann.received_at + Duration::from_secs(3));
+    assert_eq!(stack.ok_sends_to(ANN).len(), 1);
+    // The blocked user got one attempt, refused for good, never retried.
+    let blocked: Vec<_> = calls
+        .iter()
+        .filter(|c| c.chat_id == Some(BLOCKED) && c.is_send())
+        .collect();
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(
+        blocked[0].error_description(),
+        Some("Forbidden: bot was blocked by the user")
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_group_gets_the_report_at_its_new_id_and_seatable_is_updated() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    const OLD: i64 = -987_654_321;
+    const NEW: i64 = -1_009_876_543_210;
+    let group = stack.add_group("Ops", Some(OLD), &[&mailbox]);
+    stack.telegram.migrate_chat(OLD, NEW);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[NEW], 1, WAIT).await;
+    stack
+        .seatable
+        .wait_until(|s| {
+            s.row("t_chats", &group)
+                .and_then(|r| r.get("id_telegram_chat").cloned())
+                .is_some_and(|v| v.as_str().and_then(|s| s.parse::<i64>().ok()) == Some(NEW))
+        })
+        .await;
+    let row = stack.seatable.row("t_chats", &group).unwrap();
+    assert_eq!(row["is_locked"], true, "the lock stays");
+    assert!(stack.ok_sends_to(OLD).is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_go_out_while_seatable_is_down_after_start() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let tuning = Tuning {
+        cache_ttl_secs: 1,
+        reload_secs: 1,
+        ..Tuning::default()
+    };
+    let relay = stack.start(&tuning);
+    stack.wait_ready(1).await;
+    stack.seatable.go_down(seatable::Outage::BadGateway).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_go_out_when_seatable_is_down_at_start_with_a_persisted_snapshot() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+    relay.stop().await;
+
+    stack
+        .seatable
+        .go_down(seatable::Outage::ConnectionRefused)
+        .await;
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_from_outside_allowed_senders_is_not_relayed() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    stack.seatable.update_row(
+        "mailboxes",
+        &mailbox,
+        serde_json::json!({"allowed_senders": "@analytics.example.com"}),
+    );
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    let forged = String::from_utf8(fixture("03_dashboard_pdf_report.eml"))
+        .unwrap()
+        .replace(
+            "From: superset@analytics.example.com",
+            "From: mallory@evil.example",
+        );
+    let forged_uid = stack.deliver(forged.as_bytes()).await;
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    // Messages are acknowledged in UID order: once the later one is sent, the forged one was
+    // handled, and it produced nothing.
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+    let sends = stack.ok_sends_to(ANN);
+    assert_eq!(sends.len(), 1);
+    assert_eq!(sends[0].method, "sendPhoto");
+    // It stays on the server.
+    assert!(
+        stack
+            .dovecot
+            .uids(ADDRESS, "INBOX")
+            .await
+            .unwrap()
+            .contains(&forged_uid)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_row_added_while_running_is_watched() {
+    let stack = Stack::new().await;
+    let first = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&first]);
+    let tuning = Tuning {
+        reload_secs: 1,
+        ..Tuning::default()
+    };
+    let relay = stack.start(&tuning);
+    stack.wait_ready(1).await;
+
+    const SECOND: &str = "ops@test.local";
+    stack.dovecot.add_user(SECOND, "ops-secret").unwrap();
+    let second = stack.seatable.add_row(
+        "mailboxes",
+        serde_json::json!({"Name": "ops", "email": SECOND, "imap_password": "ops-secret"}),
+    );
+    stack.add_user("Bob", Some(BOB), &[&second]);
+    stack.wait_ready(2).await;
+    stack
+        .dovecot
+        .append(SECOND, "INBOX", &fixture("04_chart_csv_report.eml"))
+        .await
+        .unwrap();
+    stack.wait_for_sends(&[BOB], 1, WAIT).await;
+    assert!(stack.ok_sends_to(ANN).is_empty());
+
+    // Disabling the row stops its watcher.
+    stack
+        .seatable
+        .update_row("mailboxes", &second, serde_json::json!({"disabled": true}));
+    stack.wait_ready(1).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_uidvalidity_replays_no_history() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    // Old mail in the folder before the relay ever ran is not relayed either.
+    stack.deliver(&fixture("04_chart_csv_report.eml")).await;
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 1, WAIT).await;
+
+    stack
+        .dovecot
+        .reset_uidvalidity(ADDRESS, "INBOX")
+        .await
+        .unwrap();
+    let kicked = std::time::SystemTime::now();
+    stack.dovecot.kick(ADDRESS).await.unwrap();
+    // A new UIDVALIDITY makes every stored UID meaningless: the watcher relays only mail that
+    // arrives after it saw the change, so wait for that reconnect.
+    stack.wait_caught_up_since(kicked).await;
+    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
+    stack.wait_for_sends(&[ANN], 2, WAIT).await;
+    let methods: Vec<_> = stack
+        .ok_sends_to(ANN)
+        .iter()
+        .map(|c| c.method.clone())
+        .collect();
+    assert_eq!(methods, ["sendPhoto", "sendDocument"]);
+    let names: Vec<_> = stack
+        .ok_sends_to(ANN)
+        .iter()
+        .map(|c| c.files[0].file_name.clone().unwrap())
+        .collect();
+    assert_eq!(names[1], "Monthly KPIs: Executive Summary.pdf");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_a_fan_out_loses_nothing_and_repeats_at_most_one_send() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    let chats: Vec<i64> = (0..40).map(|i| 400_000_000 + i).collect();
+    for (i, chat) in chats.iter().enumerate() {
+        stack.add_user(&format!("User {i}"), Some(*chat), &[&mailbox]);
+    }
+    // One send in flight at a time, paced at 20 per second.
+    let tuning = Tuning {
+        global_per_second: 20,
+        concurrency: 1,
+        ..Tuning::default()
+    };
+    let mut child = stack.spawn_binary(&tuning);
+    stack.wait_ready(1).await;
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack
+        .telegram
+        .wait_for(
+            |calls| calls.iter().filter(|c| c.is_send() && c.is_ok()).count() >= 10,
+            WAIT,
+        )
+        .await
+        .unwrap();
+    // SIGKILL: no chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let sent_before = stack
+        .telegram
+        .calls()
+        .iter()
+        .filter(|c| c.is_send() && c.is_ok())
+        .count();
+    assert!(
+        sent_before < chats.len(),
+        "the kill came too late to test anything"
+    );
+
+    let mut child = stack.spawn_binary(&tuning);
+    stack.wait_for_sends(&chats, 1, WAIT).await;
+    let duplicates: Vec<i64> = chats
+        .iter()
+        .copied()
+        .filter(|chat| stack.ok_sends_to(*chat).len() > 1)
+        .collect();
+    assert!(duplicates.len() <= 1, "repeated sends: {duplicates:?}");
+    for chat in &chats {
+        assert!(stack.ok_sends_to(*chat).len() <= 2);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1,0 +1,327 @@
+//! The whole relay against a real Dovecot and the fake SeaTable and Telegram servers.
+//!
+//! Include next to the other support modules:
+//! ```ignore
+//! #[path = "support/dovecot.rs"] mod dovecot;
+//! #[path = "support/seatable.rs"] mod seatable;
+//! #[path = "support/telegram.rs"] mod telegram;
+//! #[path = "support/stack.rs"] mod stack;
+//! ```
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dovecot::Dovecot;
+use crate::seatable::FakeSeaTable;
+use crate::telegram::{Call, FakeTelegram};
+
+/// The mailbox every stack starts with.
+pub const ADDRESS: &str = "reports@test.local";
+/// Its IMAP password.
+pub const PASSWORD: &str = "mailbox-secret";
+/// The SeaTable API token of the fake base.
+pub const SEATABLE_TOKEN: &str = "st-api-token-0123456789";
+
+/// Settings a test may change before starting the relay.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// `telegram.limits.global_per_second`.
+    pub global_per_second: u32,
+    /// `telegram.limits.chat_per_second`.
+    pub chat_per_second: u32,
+    /// `telegram.limits.group_per_minute`.
+    pub group_per_minute: u32,
+    /// `delivery.concurrency`.
+    pub concurrency: usize,
+    /// `seatable.cache_ttl_secs`.
+    pub cache_ttl_secs: u64,
+    /// `seatable.reload_secs`.
+    pub reload_secs: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            global_per_second: 30,
+            chat_per_second: 1,
+            group_per_minute: 20,
+            concurrency: 16,
+            cache_ttl_secs: 60,
+            reload_secs: 60,
+        }
+    }
+}
+
+/// Dovecot, SeaTable, Telegram, a temp dir with the config and the state.
+pub struct Stack {
+    pub dovecot: Dovecot,
+    pub seatable: FakeSeaTable,
+    pub telegram: FakeTelegram,
+    pub dir: tempfile::TempDir,
+    pub mailbox_row: String,
+    pub http_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Superset fixture's bytes.
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/superset")
+            .join(name),
+    )
+    .unwrap()
+}
+
+impl Stack {
+    /// Starts Dovecot with the mailbox user, the fake SeaTable with the default schema and one
+    /// mailbox row, and the fake Telegram.
+    pub async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let dovecot = Dovecot::start().await.expect("Dovecot starts");
+        dovecot.add_user(ADDRESS, PASSWORD).unwrap();
+        let seatable = FakeSeaTable::start_with_default_schema(SEATABLE_TOKEN).await;
+        seatable.set_rate_limit_per_minute(None);
+        let mailbox_row = seatable.add_row(
+            "mailboxes",
+            json!({"Name": "reports", "email": ADDRESS, "description": "Sales reports"}),
+        );
+        let telegram = FakeTelegram::start(crate::telegram::TOKEN).await;
+        Self {
+            dovecot,
+            seatable,
+            telegram,
+            dir: tempfile::tempdir().unwrap(),
+            mailbox_row,
+            http_port: free_port(),
+        }
+    }
+
+    /// Adds a registered (or not, with `None`) user subscribed to `mailbox_rows`.
+    pub fn add_user(&self, name: &str, telegram_id: Option<i64>, mailbox_rows: &[&str]) -> String {
+        let row = self.seatable.add_row(
+            "users",
+            json!({"Name": name, "phone": "+7 999 000-00-00",
+                   "id_telegram": telegram_id.map(|id| id.to_string())}),
+        );
+        self.seatable.link("users", "mailboxes", &row, mailbox_rows);
+        row
+    }
+
+    /// Adds a group row bound to `mailbox_rows`.
+    pub fn add_group(&self, name: &str, chat_id: Option<i64>, mailbox_rows: &[&str]) -> String {
+        let row = self.seatable.add_row(
+            "t_chats",
+            json!({"Name": name, "id_telegram_chat": chat_id.map(|id| id.to_string()),
+                   "is_locked": chat_id.is_some()}),
+        );
+        self.seatable
+            .link("t_chats", "mailboxes", &row, mailbox_rows);
+        row
+    }
+
+    /// Writes `config.yaml` and returns its path.
+    pub fn write_config(&self, tuning: &Tuning) -> PathBuf {
+        let path = self.dir.path().join("config.yaml");
+        let text = format!(
+            r#"
+telegram:
+  bot_token: "{token}"
+  api_url: "{api_url}"
+  limits:
+    global_per_second: {global}
+    chat_per_second: {chat}
+    group_per_minute: {group}
+seatable:
+  server_url: "{seatable}"
+  api_token: "{seatable_token}"
+  cache_ttl_secs: {ttl}
+  reload_secs: {reload}
+imap:
+  host: 127.0.0.1
+  port: {imap_port}
+  tls: none
+  idle_renew_secs: 60
+  accounts:
+    "{address}":
+      password: "{password}"
+delivery:
+  concurrency: {concurrency}
+  give_up_after_secs: 600
+state:
+  path: "{state}"
+http:
+  listen: "127.0.0.1:{http_port}"
+"#,
+            token = crate::telegram::TOKEN,
+            api_url = self.telegram.api_url(),
+            global = tuning.global_per_second,
+            chat = tuning.chat_per_second,
+            group = tuning.group_per_minute,
+            seatable = self.seatable.server_url(),
+            seatable_token = SEATABLE_TOKEN,
+            ttl = tuning.cache_ttl_secs,
+            reload = tuning.reload_secs,
+            imap_port = self.dovecot.port(),
+            address = ADDRESS,
+            password = PASSWORD,
+            concurrency = tuning.concurrency,
+            state = self.dir.path().join("state.db").display(),
+            http_port = self.http_port,
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs the relay in this process until the returned handle is stopped.
+    pub fn start(&self, tuning: &Tuning) -> InProcess {
+        let path = self.write_config(tuning);
+        let config = report_relay::config::Config::load(&path).unwrap();
+        let stop = CancellationToken::new();
+        let signal = stop.clone();
+        let task = tokio::spawn(report_relay::app::run(config, async move {
+            signal.cancelled().await
+        }));
+        InProcess { stop, task }
+    }
+
+    /// Runs the relay binary (`report-relay run`) as a child process.
+    pub fn spawn_binary(&self, tuning: &Tuning) -> Child {
+        let path = self.write_config(tuning);
+        Command::new(env!("CARGO_BIN_EXE_report-relay"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    /// GET /readyz: the status code and JSON body (None while nothing listens).
+    pub async fn readyz(&self) -> Option<(u16, Value)> {
+        let url = format!("http://127.0.0.1:{}/readyz", self.http_port);
+        let response = reqwest::get(url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.ok()?))
+    }
+
+    /// Waits until /readyz answers 200 and lists `mailboxes` mailboxes, each caught up.
+    pub async fn wait_ready(&self, mailboxes: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, body)) = self.readyz().await
+                && body["mailboxes"].as_array().map(Vec::len) == Some(mailboxes)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay did not become ready: {:?}",
+                self.readyz().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every mailbox in /readyz has completed a catch-up after `since` (e.g. after a
+    /// reconnect).
+    pub async fn wait_caught_up_since(&self, since: std::time::SystemTime) {
+        let since: chrono::DateTime<chrono::Utc> = since.into();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((_, body)) = self.readyz().await
+                && let Some(mailboxes) = body["mailboxes"].as_array()
+                && !mailboxes.is_empty()
+                && mailboxes.iter().all(|m| {
+                    m["last_catch_up"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .is_some_and(|t| t > since)
+                })
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no catch-up after the given time: {:?}",
+                self.readyz().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Delivers a message to the mailbox (IMAP APPEND); returns its UID.
+    pub async fn deliver(&self, raw: &[u8]) -> u32 {
+        self.dovecot.append(ADDRESS, "INBOX", raw).await.unwrap()
+    }
+
+    /// Waits until every chat in `chats` has had at least `n` successful message-producing
+    /// calls; returns all calls.
+    pub async fn wait_for_sends(&self, chats: &[i64], n: usize, timeout: Duration) -> Vec<Call> {
+        let chats = chats.to_vec();
+        self.telegram
+            .wait_for(
+                move |calls| {
+                    chats.iter().all(|chat| {
+                        calls
+                            .iter()
+                            .filter(|c| c.is_send() && c.is_ok() && c.chat_id == Some(*chat))
+                            .count()
+                            >= n
+                    })
+                },
+                timeout,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("sends did not arrive: {e:?}"))
+    }
+
+    /// Successful message-producing calls to `chat`.
+    pub fn ok_sends_to(&self, chat: i64) -> Vec<Call> {
+        self.telegram
+            .calls()
+            .into_iter()
+            .filter(|c| c.is_send() && c.is_ok() && c.chat_id == Some(chat))
+            .collect()
+    }
+}
+
+/// A relay running inside the test process.
+pub struct InProcess {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Stops it gracefully and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the relay stops within 30 s")
+            .expect("the relay task does not panic")
+            .expect("the relay exits cleanly");
+    }
+}
