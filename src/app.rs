@@ -16,11 +16,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, TableNames};
-use crate::delivery::{ChatEvents, DeliverySettings, DeliveryWorker, sending_bot};
-use crate::directory::{Directory, DirectoryBackend, LastUidWriter, Snapshot, SnapshotSource};
+use crate::delivery::{DeliverySettings, DeliveryWorker, sending_bot};
+use crate::directory::{
+    ChatStatuses, Directory, DirectoryBackend, LastUidWriter, Migrations, Snapshot, SnapshotSource,
+};
 use crate::metrics::Metrics;
-use crate::relay::{Incoming, Relay};
-use crate::report::render::PlanOptions;
+use crate::relay::{Incoming, Relay, RelaySettings};
 use crate::schema::Schema;
 use crate::seatable::SeaTableClient;
 use crate::state::State;
@@ -95,6 +96,40 @@ impl DirectoryBackend for SeaTableBackend {
         })
     }
 
+    fn write_user_telegram_id(
+        &self,
+        user_row_id: &str,
+        telegram_id: i64,
+    ) -> BoxFuture<'_, anyhow::Result<()>> {
+        let row_id = user_row_id.to_owned();
+        Box::pin(async move {
+            let mut row = Map::new();
+            row.insert("id_telegram".into(), json!(telegram_id.to_string()));
+            self.client
+                .update_rows(&self.tables.users, &[(row_id, row)])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn claim_group(&self, group_row_id: &str, chat_id: i64) -> BoxFuture<'_, anyhow::Result<bool>> {
+        let row_id = group_row_id.to_owned();
+        Box::pin(async move {
+            // SeaTable has no compare-and-set and SQL UPDATE reports no affected count: claim
+            // with a conditional UPDATE, then read the row back (seatable-api.md §6).
+            let sql = format!(
+                "UPDATE {} SET `id_telegram_chat` = ?, `is_locked` = true \
+                 WHERE `_id` = ? AND `id_telegram_chat` IS NULL",
+                quote(&self.tables.groups)
+            );
+            self.client
+                .sql(&sql, &[json!(chat_id.to_string()), json!(row_id)])
+                .await?;
+            let row = self.client.get_row(&self.tables.groups, &row_id).await?;
+            Ok(row.text("id_telegram_chat").map(str::trim) == Some(chat_id.to_string().as_str()))
+        })
+    }
+
     fn rewrite_group_chat_id(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let sql = format!(
@@ -106,15 +141,6 @@ impl DirectoryBackend for SeaTableBackend {
                 .await?;
             Ok(())
         })
-    }
-}
-
-/// Tells the directory about migrated groups.
-struct DirectoryEvents(Arc<Directory>);
-
-impl ChatEvents for DirectoryEvents {
-    fn chat_migrated(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move { self.0.migrate_group(old, new).await })
     }
 }
 
@@ -162,6 +188,8 @@ struct Core {
     metrics: Arc<Metrics>,
     directory: Arc<Directory>,
     backend: Arc<SeaTableBackend>,
+    statuses: Arc<ChatStatuses>,
+    migrations: Arc<Migrations>,
 }
 
 async fn core(config: &Config) -> anyhow::Result<Core> {
@@ -174,20 +202,41 @@ async fn core(config: &Config) -> anyhow::Result<Core> {
         state.clone(),
         Duration::from_secs(config.seatable.cache_ttl_secs),
     ));
+    let statuses = ChatStatuses::load(state.clone()).await?;
+    let migrations = Migrations::new(directory.clone(), state.clone(), statuses.clone());
     Ok(Core {
         state,
         metrics,
         directory,
         backend,
+        statuses,
+        migrations,
     })
 }
 
-fn plan_options(config: &Config) -> PlanOptions {
-    PlanOptions::new(
-        config.telegram.png_as,
+/// The delivery worker of `config`, and the handle that wakes it.
+fn delivery_worker(
+    config: &Config,
+    state: &State,
+    metrics: &Arc<Metrics>,
+    migrations: &Arc<Migrations>,
+) -> anyhow::Result<(DeliveryWorker, Arc<tokio::sync::Notify>)> {
+    let bot = sending_bot(
+        &config.telegram.bot_token,
+        &config.telegram.api_url,
         config.telegram.max_upload_bytes,
-        &config.reports,
-    )
+    )?;
+    Ok(DeliveryWorker::new(
+        bot,
+        state.clone(),
+        &DeliverySettings {
+            concurrency: config.delivery.concurrency,
+            give_up_after: Duration::from_secs(config.delivery.give_up_after_secs),
+            limits: config.telegram.limits,
+        },
+        metrics.clone(),
+        migrations.clone(),
+    ))
 }
 
 /// `report-relay run`: the service, until `shutdown` resolves.
@@ -202,6 +251,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics,
         directory,
         backend,
+        statuses,
+        migrations,
     } = core(&config).await?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -250,22 +301,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
 
-    let bot = sending_bot(
-        &config.telegram.bot_token,
-        &config.telegram.api_url,
-        config.telegram.max_upload_bytes,
-    )?;
-    let (worker, wake) = DeliveryWorker::new(
-        bot,
-        state.clone(),
-        &DeliverySettings {
-            concurrency: config.delivery.concurrency,
-            give_up_after: Duration::from_secs(config.delivery.give_up_after_secs),
-            limits: config.telegram.limits,
-        },
-        metrics.clone(),
-        Arc::new(DirectoryEvents(directory.clone())),
-    );
+    let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
     tracker.spawn(worker.run(cancel.clone()));
 
     let last_uid = Arc::new(LastUidWriter::new(backend.clone(), LAST_UID_WRITE_INTERVAL));
@@ -274,12 +310,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let relay = Arc::new(Relay::new(
         state.clone(),
         directory.clone(),
-        plan_options(&config),
-        config.reports.subject_prefixes.clone(),
+        statuses.clone(),
+        RelaySettings::new(&config),
         wake,
         metrics.clone(),
         Some(last_uid),
     ));
+    let registrar = crate::bot::Registrar::new(
+        directory.clone(),
+        statuses.clone(),
+        migrations.clone(),
+        config.telegram.default_country_code.clone(),
+    );
+    let polling = crate::bot::polling_bot(&config.telegram.bot_token, &config.telegram.api_url)?;
+    tracker.spawn(crate::bot::run(polling, registrar, cancel.clone()));
+
     let supervisor = Supervisor::new(
         config.clone(),
         directory.clone(),
@@ -346,6 +391,8 @@ pub async fn replay_to_mailbox(
         state,
         metrics,
         directory,
+        statuses,
+        migrations,
         ..
     } = core(&config).await?;
     directory
@@ -356,27 +403,12 @@ pub async fn replay_to_mailbox(
     if snapshot.mailbox(&mailbox).is_none() {
         anyhow::bail!("no mailbox row has the address {mailbox}");
     }
-    let bot = sending_bot(
-        &config.telegram.bot_token,
-        &config.telegram.api_url,
-        config.telegram.max_upload_bytes,
-    )?;
-    let (worker, wake) = DeliveryWorker::new(
-        bot,
-        state.clone(),
-        &DeliverySettings {
-            concurrency: config.delivery.concurrency,
-            give_up_after: Duration::from_secs(config.delivery.give_up_after_secs),
-            limits: config.telegram.limits,
-        },
-        metrics.clone(),
-        Arc::new(DirectoryEvents(directory.clone())),
-    );
+    let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
     let relay = Relay::new(
         state.clone(),
         directory.clone(),
-        plan_options(&config),
-        config.reports.subject_prefixes.clone(),
+        statuses,
+        RelaySettings::new(&config),
         wake,
         metrics,
         None,

@@ -46,18 +46,9 @@ use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, State};
 /// How the directory hears about chats the worker learned something about.
 pub trait ChatEvents: Send + Sync + 'static {
     /// A basic group became a supergroup: `old` is now `new` (Bot API `migrate_to_chat_id`).
-    /// The directory rewrites the group's `id_telegram_chat` (keeping its lock).
+    /// The handler moves the pending sends of `old` to `new` and rewrites the group's
+    /// `id_telegram_chat` (keeping its lock).
     fn chat_migrated(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>>;
-}
-
-/// Ignores chat events (for `replay` tools and tests).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoChatEvents;
-
-impl ChatEvents for NoChatEvents {
-    fn chat_migrated(&self, _old: i64, _new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 /// Builds the `Bot` used for sending, with a client whose total timeout suits uploads of

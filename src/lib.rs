@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod delivery;

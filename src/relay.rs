@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::directory::{Directory, LastUidWriter};
+use crate::directory::{ChatStatuses, Directory, LastUidWriter};
 use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::report::render::{self, PlanOptions};
@@ -23,8 +23,8 @@ use crate::state::{
 pub struct Relay {
     state: State,
     directory: Arc<Directory>,
-    options: PlanOptions,
-    subject_prefixes: Vec<String>,
+    statuses: Arc<ChatStatuses>,
+    settings: RelaySettings,
     delivery_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     last_uid: Option<Arc<LastUidWriter>>,
@@ -33,6 +33,29 @@ pub struct Relay {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Relay")
+    }
+}
+
+/// How reports are read and planned.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// `reports.subject_prefixes`.
+    pub subject_prefixes: Vec<String>,
+    /// `telegram.png_as`, `telegram.max_upload_bytes`, `reports.forward_errors`.
+    pub plan: PlanOptions,
+}
+
+impl RelaySettings {
+    /// The settings of `config`.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Self {
+            subject_prefixes: config.reports.subject_prefixes.clone(),
+            plan: PlanOptions::new(
+                config.telegram.png_as,
+                config.telegram.max_upload_bytes,
+                &config.reports,
+            ),
+        }
     }
 }
 
@@ -63,13 +86,14 @@ pub struct Relayed {
 }
 
 impl Relay {
-    /// A relay writing to `state`, resolving through `directory`, waking the delivery worker
+    /// A relay writing to `state`, resolving through `directory` (skipping the chats in
+    /// `statuses`), waking the delivery worker
     /// through `delivery_wake`, and queueing `last_uid` write-backs on `last_uid`.
     pub fn new(
         state: State,
         directory: Arc<Directory>,
-        options: PlanOptions,
-        subject_prefixes: Vec<String>,
+        statuses: Arc<ChatStatuses>,
+        settings: RelaySettings,
         delivery_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
         last_uid: Option<Arc<LastUidWriter>>,
@@ -77,8 +101,8 @@ impl Relay {
         Self {
             state,
             directory,
-            options,
-            subject_prefixes,
+            statuses,
+            settings,
             delivery_wake,
             metrics,
             last_uid,
@@ -135,7 +159,7 @@ impl Relay {
         };
         let uid_field = uid.map(|u| u.1);
         let mut mailbox_row_id = None;
-        match Report::parse(&raw, &self.subject_prefixes) {
+        match Report::parse(&raw, &self.settings.subject_prefixes) {
             Err(parse_error) => {
                 error!(%mailbox, uid = uid_field, error = %parse_error, "Cannot parse a message; recording it as failed and moving on.");
                 ack.title = "(unparseable message)".into();
@@ -151,7 +175,7 @@ impl Relay {
                     .ok_or_else(|| anyhow::anyhow!("The directory is not loaded yet"))?;
                 let row = snapshot.mailbox(&mailbox);
                 mailbox_row_id = row.map(|r| r.row_id.clone());
-                let plan = render::plan(&report, &self.options);
+                let plan = render::plan(&report, &self.settings.plan);
                 if let Some(row) = row.filter(|r| !r.allows_sender(report.from.as_deref())) {
                     warn!(%mailbox, uid = uid_field, from = report.from.as_deref().unwrap_or(""), title = %report.title,
                           allowed = ?row.allowed_senders, "Mail from a sender outside allowed_senders; not relaying it (it stays on the server).");
@@ -165,7 +189,14 @@ impl Relay {
                     ack.outcome = MessageOutcome::Skipped;
                     ack.detail = Some(reason);
                 } else {
-                    let recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
+                    let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
+                    recipients.retain(|r| match self.statuses.status(r.chat_id) {
+                        Some(status) => {
+                            info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
+                            false
+                        }
+                        None => true,
+                    });
                     if recipients.is_empty() {
                         warn!(%mailbox, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");
                         ack.outcome = MessageOutcome::Skipped;
