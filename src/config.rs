@@ -7,7 +7,7 @@
 //! 3. the tree is deserialised into [`Config`], each scalar converted to its field's type with
 //!    `FromStr` (so `port: ${IMAP_PORT:-993}` works), unknown keys rejected.
 //!
-//! Then [`Config::validate`] checks ranges and formats. Every error names the file and the key.
+//! Then `Config::validate` checks ranges and formats. Every error names the file and the key.
 //! Secrets (bot token, SeaTable API token, IMAP passwords) are [`SecretString`]s, whose `Debug`
 //! prints `[REDACTED]`.
 

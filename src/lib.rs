@@ -3,10 +3,22 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `config.yaml`, `${VAR}` expansion, validation.
-//! - [`report`]: [`report::Report::parse`] turns a Superset e-mail into title, description,
-//!   link and files; [`report::render`] plans the Bot API calls for one recipient.
-//! - [`cli`]: the command line (`run`, `replay`, `check`, `schema apply`).
+//! The pipeline, in the order a report travels:
+//!
+//! - [`supervisor`]: one [`imap::MailboxWatcher`] per enabled mailbox row, reloaded every
+//!   `seatable.reload_secs`, restarted on panic.
+//! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever.
+//! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
+//!   [`report::render`]'s plan, the recipients from [`directory`], and one SQLite transaction
+//!   in [`state`] (message, outbox rows, checkpoint).
+//! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits, uploading each
+//!   file once.
+//! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
+//!
+//! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client) and [`schema`]
+//! (`seatable-schema/`), [`directory`] (cached snapshot, migrations, chat statuses), [`http`]
+//! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`app`] (composition root), [`cli`] and
+//! [`replay`] (the command line).
 
 #![warn(missing_docs)]
 
