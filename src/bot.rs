@@ -365,7 +365,10 @@ impl Registrar {
             Some(bound) => {
                 // A basic group upgraded while the bot was promoted: the promotion comes from
                 // the new supergroup id, maybe before the migration message was handled.
+                // Only a basic group (ids above -10^12) can have become this supergroup.
+                let basic_group = (-999_999_999_999..0).contains(&bound);
                 let migrated = chat.is_supergroup()
+                    && basic_group
                     && self.migrations.migrated_from(id, MIGRATION_WAIT).await == Some(bound);
                 if migrated {
                     self.migrations.migrated(bound, id).await?;

@@ -249,6 +249,22 @@ fn calls_to_after(stack: &Stack, chat: i64, after: u64) -> Vec<Call> {
         .collect()
 }
 
+/// `#seq method -> outcome` for each call, for failure messages (a Call's Debug holds the
+/// uploaded bytes).
+fn summary(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|c| {
+            let outcome = if c.is_ok() {
+                "ok".to_owned()
+            } else {
+                format!("{:?} {:?}", c.error_code(), c.error_description())
+            };
+            format!("#{} {} text={:?} -> {outcome}", c.seq, c.method, c.text)
+        })
+        .collect()
+}
+
 /// Report sends (message-producing calls other than the bot's text replies) to `chat`, any
 /// outcome. The fixtures used here are a photo and a PDF, never a text message.
 fn report_calls(stack: &Stack, chat: i64) -> Vec<Call> {
@@ -827,7 +843,7 @@ async fn a_person_who_blocked_the_bot_is_skipped_until_their_next_start() {
     assert!(
         calls_to_after(&stack, ANN, blocked_at).is_empty(),
         "no attempt to reach Ann while she blocks the bot: {:?}",
-        calls_to_after(&stack, ANN, blocked_at)
+        summary(&calls_to_after(&stack, ANN, blocked_at))
     );
     assert_eq!(
         cells(&stack, "users", &ann_row),
@@ -849,14 +865,14 @@ async fn a_person_who_blocked_the_bot_is_skipped_until_their_next_start() {
     // Deliveries to one chat are in order, so an attempt at the first report would have come
     // before the second one: Ann got only the second, and nothing at all while blocked.
     let to_ann = report_calls(&stack, ANN);
-    assert_eq!(to_ann.len(), 1, "{to_ann:?}");
+    assert_eq!(to_ann.len(), 1, "{:?}", summary(&to_ann));
     assert_eq!(to_ann[0].method, "sendDocument");
     assert!(
         calls_to_after(&stack, ANN, blocked_at)
             .iter()
             .all(|c| c.seq >= reply.seq),
         "no call to Ann before her /start: {:?}",
-        calls_to_after(&stack, ANN, blocked_at)
+        summary(&calls_to_after(&stack, ANN, blocked_at))
     );
     assert_eq!(cells(&stack, "users", &ann_row), ann_before);
     relay.stop().await;
@@ -1160,7 +1176,7 @@ async fn a_removed_group_is_skipped_until_promoted_again(kicked: bool) {
     assert!(
         calls_to_after(&stack, SUPER, removed_at).is_empty(),
         "nothing goes to the group after it removed the bot: {:?}",
-        calls_to_after(&stack, SUPER, removed_at)
+        summary(&calls_to_after(&stack, SUPER, removed_at))
     );
 
     // Re-added as administrator. Updates of one chat are handled in order, so once this is
@@ -1184,7 +1200,7 @@ async fn a_removed_group_is_skipped_until_promoted_again(kicked: bool) {
             .iter()
             .all(|c| c.seq >= reply.seq),
         "no call to the group while the bot was out: {:?}",
-        calls_to_after(&stack, SUPER, removed_at)
+        summary(&calls_to_after(&stack, SUPER, removed_at))
     );
 
     stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
@@ -1194,7 +1210,8 @@ async fn a_removed_group_is_skipped_until_promoted_again(kicked: bool) {
     assert_eq!(
         to_group.len(),
         1,
-        "only the report after re-adding: {to_group:?}"
+        "only the report after re-adding: {:?}",
+        summary(&to_group)
     );
     assert_eq!(to_group[0].method, "sendDocument");
     assert_eq!(cells(&stack, "t_chats", &row), before);
@@ -1252,7 +1269,8 @@ async fn a_group_that_migrates_when_the_bot_is_promoted_registers_its_new_id() {
         .collect();
     assert!(
         to_old.is_empty(),
-        "the success reply goes to the new chat: {to_old:?}"
+        "the success reply goes to the new chat: {:?}",
+        summary(&to_old)
     );
     relay.stop().await;
 }
@@ -1278,4 +1296,48 @@ async fn a_migration_alone_moves_a_bound_row_to_the_new_id() {
     .await;
     assert_eq!(cells(&stack, "t_chats", &other), other_before);
     relay.stop().await;
+}
+
+/// A row bound to the basic group (the bot was promoted there earlier); the group converts and
+/// Telegram reports the bot's administrator status from the new supergroup: same row, new id,
+/// an idempotent success in the new chat (not group_taken).
+async fn a_bound_group_that_migrates_keeps_its_row(promotion_first: bool) {
+    let stack = Stack::new().await;
+    let sales = stack.mailbox_row.clone();
+    let row = add_group_row(&stack, "Sales team", Some(BASIC), true, &[&sales]);
+    let relay = start(&stack, 1).await;
+
+    let basic = TgChat::group(BASIC, "Sales team");
+    let supergroup = TgChat::supergroup(SUPER, "Sales team");
+    let before = mark(&stack);
+    if promotion_first {
+        stack.telegram.push_bot_promoted(&supergroup, &admin());
+        stack.telegram.push_migration(&basic, SUPER, &admin());
+    } else {
+        stack.telegram.push_migration(&basic, SUPER, &admin());
+        stack.telegram.push_bot_promoted(&supergroup, &admin());
+    }
+    let reply = reply_after(&stack, SUPER, before).await;
+    assert_eq!(
+        reply.text.as_deref(),
+        Some(group_registered_reply("Sales team", &[SALES]).as_str())
+    );
+    expect_cells(
+        &stack,
+        "t_chats",
+        &row,
+        json!({"Name": "Sales team", "id_telegram_chat": "-1001987654321", "is_locked": true}),
+    )
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_group_migrating_then_reporting_the_promotion_keeps_its_row() {
+    a_bound_group_that_migrates_keeps_its_row(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_group_reporting_the_promotion_before_the_migration_keeps_its_row() {
+    a_bound_group_that_migrates_keeps_its_row(true).await;
 }

@@ -81,6 +81,54 @@ async fn a_chart_reaches_two_users_and_a_group_with_its_caption() {
     assert_eq!(uploads_and_file_id_sends(&stack, sha), (1, 2));
     assert_eq!(calls.iter().filter(|c| c.is_send()).count(), 3);
 
+    // The HTTP endpoints.
+    let base = format!("http://127.0.0.1:{}", stack.http_port);
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, ready) = stack.readyz().await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(ready["mailboxes"][0]["mailbox"], ADDRESS);
+    assert_eq!(ready["mailboxes"][0]["state"], "idle");
+    for line in [
+        "report_relay_sends_total{method=\"sendPhoto\",result=\"ok\"} 3",
+        "report_relay_reports_received_total{mailbox=\"reports@test.local\"} 1",
+        "report_relay_reports_acknowledged_total{mailbox=\"reports@test.local\",outcome=\"queued\"} 1",
+        "report_relay_watcher_state{mailbox=\"reports@test.local\",state=\"idle\"} 1",
+        "report_relay_outbox_depth 0",
+        "report_relay_append_to_send_seconds_count 3",
+    ] {
+        // The counters move when the relay has processed Telegram's answers, a moment after
+        // the fake recorded the calls.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = reqwest::get(format!("{base}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if metrics.contains(line) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{line} missing from:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("report_relay_seatable_requests_total{status=\"200\"}"));
+    assert!(
+        metrics
+            .contains("report_relay_telegram_requests_total{method=\"sendPhoto\",status=\"ok\"} 3")
+    );
+
     // The relay wrote its checkpoint back to the mailbox row, as decimal text.
     stack
         .seatable
