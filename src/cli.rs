@@ -175,9 +175,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn replay_command(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if let Some(mailbox) = args.mailbox {
+        let path = args
+            .config
+            .context("replay --mailbox needs --config (or REPORT_RELAY_CONFIG)")?;
+        let config = Config::load(&path)?;
+        let all_ok =
+            runtime()?.block_on(crate::app::replay_to_mailbox(config, args.files, mailbox))?;
+        return Ok(if all_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     if !args.dry_run {
         anyhow::bail!(
-            "replay without --dry-run (relaying for real) is not available yet; use --dry-run"
+            "replay needs --dry-run (print the plan) or --mailbox ADDRESS (relay for real)"
         );
     }
     let (prefixes, options) = match &args.config {

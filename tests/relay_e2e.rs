@@ -516,3 +516,133 @@ async fn kill_9_in_a_fan_out_loses_nothing_and_repeats_at_most_one_send() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_photo_is_resent_as_a_document_and_network_errors_are_retried() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    stack.add_user("Bob", Some(BOB), &[&mailbox]);
+    stack.telegram.inject(
+        FaultRule::new(Fault::Api {
+            code: 400,
+            description: "Bad Request: PHOTO_INVALID_DIMENSIONS".into(),
+        })
+        .method("sendPhoto")
+        .chat(ANN),
+    );
+    stack.telegram.inject(
+        FaultRule::new(Fault::CloseConnection)
+            .method("sendPhoto")
+            .chat(BOB),
+    );
+    let relay = stack.start(&Tuning::default());
+    stack.wait_ready(1).await;
+
+    stack.deliver(&fixture("01_chart_png_report.eml")).await;
+    stack.wait_for_sends(&[ANN, BOB], 1, WAIT).await;
+    let ann = stack.ok_sends_to(ANN);
+    assert_eq!(ann.len(), 1);
+    assert_eq!(ann[0].method, "sendDocument");
+    assert_eq!(
+        ann[0].files[0].file_name.as_deref(),
+        Some("Weekly Sales: Revenue by Region.png")
+    );
+    assert!(
+        ann[0]
+            .caption
+            .as_deref()
+            .unwrap()
+            .starts_with("<b>Weekly Sales")
+    );
+    let bob = stack.ok_sends_to(BOB);
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0].method, "sendPhoto");
+    relay.stop().await;
+}
+
+fn run_cli(args: &[&str]) -> (i32, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_report-relay"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_dependency_on_its_own_line() {
+    let stack = Stack::new().await;
+    let config = stack.write_config(&Tuning::default());
+    let config = config.to_str().unwrap().to_owned();
+    let (code, out) = tokio::task::spawn_blocking(move || run_cli(&["check", "--config", &config]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.iter().all(|l| l.starts_with("ok ")), "{out}");
+    assert!(out.contains("seatable: every table and column the relay needs exists"));
+    assert!(out.contains("telegram: getMe answered @"));
+    assert!(out.contains(&format!("imap {ADDRESS}: logged in as {ADDRESS}")));
+
+    // A wrong mailbox password and a missing column are reported, with exit code 1.
+    stack.seatable.update_row(
+        "mailboxes",
+        &stack.mailbox_row,
+        serde_json::json!({"imap_password": "wrong"}),
+    );
+    stack.seatable.remove_column("users", "id_telegram");
+    let config = stack.write_config(&Tuning::default());
+    let config = config.to_str().unwrap().to_owned();
+    let (code, out) = tokio::task::spawn_blocking(move || run_cli(&["check", "--config", &config]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL seatable:") && out.contains("table users has no column id_telegram"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("FAIL imap {ADDRESS}:")), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_a_mailbox_relays_once_per_content() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    stack.add_user("Ann", Some(ANN), &[&mailbox]);
+    let config = stack.write_config(&Tuning::default());
+    let eml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/superset/02_dashboard_png_3tabs.eml");
+    let args = [
+        "replay".to_owned(),
+        eml.to_str().unwrap().to_owned(),
+        "--config".to_owned(),
+        config.to_str().unwrap().to_owned(),
+        "--mailbox".to_owned(),
+        ADDRESS.to_owned(),
+    ];
+    for round in 0..2 {
+        let args = args.clone();
+        let (code, out) = tokio::task::spawn_blocking(move || {
+            run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "{out}");
+        if round == 0 {
+            assert!(out.contains("queued, 1 sends to 1 chats"), "{out}");
+        } else {
+            assert!(out.contains("already relayed before"), "{out}");
+        }
+    }
+    let sends = stack.ok_sends_to(ANN);
+    assert_eq!(sends.len(), 1);
+    assert_eq!(sends[0].method, "sendMediaGroup");
+}
