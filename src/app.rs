@@ -54,6 +54,23 @@ impl SeaTableBackend {
     pub fn client(&self) -> &SeaTableClient {
         &self.client
     }
+
+    /// Writes one text cell of one row (`PUT` rows).
+    fn write_text(
+        &self,
+        table: &str,
+        row_id: &str,
+        column: &str,
+        value: String,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + '_ {
+        let (table, row_id) = (table.to_owned(), row_id.to_owned());
+        let mut row = Map::new();
+        row.insert(column.to_owned(), json!(value));
+        async move {
+            self.client.update_rows(&table, &[(row_id, row)]).await?;
+            Ok(())
+        }
+    }
 }
 
 /// Quotes a table or column name for SeaTable SQL.
@@ -85,15 +102,12 @@ impl DirectoryBackend for SeaTableBackend {
         mailbox_row_id: &str,
         last_uid: u32,
     ) -> BoxFuture<'_, anyhow::Result<()>> {
-        let row_id = mailbox_row_id.to_owned();
-        Box::pin(async move {
-            let mut row = Map::new();
-            row.insert("last_uid".into(), json!(last_uid.to_string()));
-            self.client
-                .update_rows(&self.tables.mailboxes, &[(row_id, row)])
-                .await?;
-            Ok(())
-        })
+        Box::pin(self.write_text(
+            &self.tables.mailboxes,
+            mailbox_row_id,
+            "last_uid",
+            last_uid.to_string(),
+        ))
     }
 
     fn write_user_telegram_id(
@@ -101,15 +115,12 @@ impl DirectoryBackend for SeaTableBackend {
         user_row_id: &str,
         telegram_id: i64,
     ) -> BoxFuture<'_, anyhow::Result<()>> {
-        let row_id = user_row_id.to_owned();
-        Box::pin(async move {
-            let mut row = Map::new();
-            row.insert("id_telegram".into(), json!(telegram_id.to_string()));
-            self.client
-                .update_rows(&self.tables.users, &[(row_id, row)])
-                .await?;
-            Ok(())
-        })
+        Box::pin(self.write_text(
+            &self.tables.users,
+            user_row_id,
+            "id_telegram",
+            telegram_id.to_string(),
+        ))
     }
 
     fn claim_group(&self, group_row_id: &str, chat_id: i64) -> BoxFuture<'_, anyhow::Result<bool>> {

@@ -132,6 +132,27 @@ impl Registrar {
         names.into_iter().collect()
     }
 
+    /// Re-reads SeaTable for a registration; when it cannot, tells the chat to try later and
+    /// returns `None`.
+    async fn fresh_snapshot(
+        &self,
+        bot: &Bot,
+        chat: ChatId,
+    ) -> anyhow::Result<Option<Arc<Snapshot>>> {
+        match self.directory.refresh().await {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(error) => {
+                warn!(
+                    chat_id = chat.0,
+                    error = format!("{error:#}"),
+                    "Cannot read SeaTable for a registration."
+                );
+                bot.send_message(chat, texts::TRY_LATER).await?;
+                Ok(None)
+            }
+        }
+    }
+
     async fn start(&self, bot: &Bot, msg: &Message) -> HandlerResult {
         let chat = msg.chat.id;
         if !msg.chat.is_private() {
@@ -198,16 +219,8 @@ impl Registrar {
             return Ok(());
         };
         let _claims = self.claims.lock().await;
-        let snapshot = match self.directory.refresh().await {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                warn!(
-                    error = format!("{error:#}"),
-                    "Cannot read SeaTable for a registration."
-                );
-                bot.send_message(chat, texts::TRY_LATER).await?;
-                return Ok(());
-            }
+        let Some(snapshot) = self.fresh_snapshot(bot, chat).await? else {
+            return Ok(());
         };
         let rows: Vec<_> = snapshot
             .users
@@ -328,16 +341,8 @@ impl Registrar {
         let id = chat.id.0;
         let title = normalize_title(chat.title().unwrap_or_default());
         let _claims = self.claims.lock().await;
-        let snapshot = match self.directory.refresh().await {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                warn!(
-                    error = format!("{error:#}"),
-                    "Cannot read SeaTable for a group registration."
-                );
-                bot.send_message(chat.id, texts::TRY_LATER).await?;
-                return Ok(());
-            }
+        let Some(snapshot) = self.fresh_snapshot(bot, chat.id).await? else {
+            return Ok(());
         };
         let rows: Vec<&Group> = snapshot
             .groups
