@@ -74,6 +74,12 @@ pub fn sending_bot(
     Ok(Bot::with_client(token.expose_secret(), client).set_api_url(url))
 }
 
+/// Finished sends, their messages and file bytes are kept this long (for inspection), then
+/// pruned; checkpoints and `file_id`s are kept for good.
+pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// How often the state is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// What one failed Bot API call means for the send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -265,6 +271,8 @@ impl DeliveryWorker {
         // The chat of each task in flight; a chat is in here at most once.
         let mut busy: HashMap<tokio::task::Id, i64> = HashMap::new();
         let mut last_retain = tokio::time::Instant::now();
+        // Prune a minute after start, then every PRUNE_EVERY.
+        let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let free = self.concurrency.saturating_sub(in_flight.len());
             let mut next_check = Duration::from_secs(30);
@@ -300,6 +308,14 @@ impl DeliveryWorker {
             if last_retain.elapsed() > Duration::from_secs(60) {
                 self.inner.limiters.retain_recent();
                 last_retain = tokio::time::Instant::now();
+            }
+            if tokio::time::Instant::now() >= next_prune {
+                next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+                match self.inner.state.prune(SystemTime::now() - RETENTION).await {
+                    Ok(0) => {}
+                    Ok(deleted) => info!(deleted, "Pruned old delivered work from the state."),
+                    Err(error) => warn!(error = format!("{error:#}"), "Cannot prune the state."),
+                }
             }
             tokio::select! {
                 biased;

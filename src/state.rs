@@ -191,8 +191,9 @@ CREATE TABLE IF NOT EXISTS replays (
     PRIMARY KEY (mailbox, raw_sha256)
 );
 CREATE TABLE IF NOT EXISTS files (
-    sha256 TEXT PRIMARY KEY,
-    bytes  BLOB NOT NULL
+    sha256       TEXT PRIMARY KEY,
+    bytes        BLOB NOT NULL,
+    last_used_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS file_ids (
     sha256  TEXT NOT NULL,
@@ -238,6 +239,13 @@ impl State {
         }
         let conn = Connection::open(path)
             .with_context(|| format!("Failed to open the state database {}", path.display()))?;
+        // The persisted directory snapshot can hold mailbox passwords from SeaTable rows: keep
+        // the file private to the service user (SQLite gives its WAL the same mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("Failed to make {} private", path.display()))?;
+        }
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -360,8 +368,9 @@ impl State {
                 }
                 for file in &ack.files {
                     tx.execute(
-                        "INSERT OR IGNORE INTO files (sha256, bytes) VALUES (?1, ?2)",
-                        params![file.sha256, file.bytes.as_ref()],
+                        "INSERT INTO files (sha256, bytes, last_used_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (sha256) DO UPDATE SET last_used_at = ?3",
+                        params![file.sha256, file.bytes.as_ref(), now],
                     )?;
                 }
                 for (chat_id, send) in &ack.sends {
@@ -538,6 +547,44 @@ impl State {
                 [],
                 |row| row.get(0),
             )?)
+        })
+        .await
+    }
+
+    /// Deletes what is no longer needed: finished outbox rows finished before `cutoff`, messages
+    /// acknowledged before it that have no outbox row left, and file bytes last queued before it
+    /// that no pending send needs. Checkpoints, `file_id`s, the snapshot and chat statuses stay.
+    /// Returns the number of rows deleted.
+    ///
+    /// # Errors
+    /// A database error; then nothing was deleted.
+    pub async fn prune(&self, cutoff: SystemTime) -> anyhow::Result<usize> {
+        self.with(move |conn| {
+            let cutoff = millis(cutoff);
+            let tx = conn.transaction()?;
+            let mut deleted = tx.execute(
+                "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM replays WHERE message_id IN (
+                     SELECT id FROM messages WHERE acknowledged_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id))",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM messages WHERE acknowledged_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id)",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM files WHERE last_used_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox o
+                                   WHERE o.status = 'pending' AND instr(o.send, files.sha256) > 0)",
+                [cutoff],
+            )?;
+            tx.commit()?;
+            Ok(deleted)
         })
         .await
     }
@@ -908,6 +955,42 @@ mod tests {
         );
         state.set_chat_status(111222333, None).await.unwrap();
         assert!(state.chat_statuses().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_pending_work_and_drops_old_finished_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let mut with_file = ack(1, vec![(1, send("done")), (2, send("pending"))]);
+        with_file.sends[1].1.items.push(OutboxItem {
+            kind: ItemKind::Photo,
+            sha256: "f1".into(),
+            file_name: "a.png".into(),
+            caption: None,
+        });
+        state.acknowledge(with_file).await.unwrap();
+        let due = state
+            .due_sends(SystemTime::now(), vec![], 10)
+            .await
+            .unwrap();
+        let done = due.iter().find(|r| r.chat_id == 1).unwrap().id;
+        state.finish_send(done, SendResult::Done).await.unwrap();
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        // The pending send keeps its message and its file.
+        assert_eq!(state.prune(later).await.unwrap(), 1);
+        assert_eq!(state.pending_count().await.unwrap(), 1);
+        assert!(state.file_bytes("f1").await.is_ok());
+        let pending = state.due_sends(later, vec![], 10).await.unwrap()[0].id;
+        state.finish_send(pending, SendResult::Done).await.unwrap();
+        assert_eq!(state.prune(later).await.unwrap(), 3);
+        assert!(state.file_bytes("f1").await.is_err());
+        assert!(
+            state
+                .checkpoint("reports@example.com")
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]
