@@ -8,6 +8,10 @@ WORKDIR /src
 # ring (rustls' crypto) and bundled SQLite need a C compiler, which the image has.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# schema.json is compiled in (include_str!); the bench target must exist for cargo to read the
+# manifest, though it is not built here.
+COPY seatable-schema ./seatable-schema
+COPY benches ./benches
 RUN cargo build --release --locked \
  && ! ldd target/release/report-relay | grep -Ei 'libssl|libcrypto'
 
