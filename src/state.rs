@@ -24,6 +24,9 @@ pub use crate::imap::Checkpoint;
 #[derive(Clone)]
 pub struct State {
     conn: Arc<Mutex<Connection>>,
+    /// An exclusive lock on `<state.path>.lock`, held while any clone lives: two relay
+    /// processes draining one outbox would send everything twice.
+    _lock: Arc<std::fs::File>,
 }
 
 impl std::fmt::Debug for State {
@@ -237,6 +240,25 @@ impl State {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("Failed to create {}", parent.display()))?;
         }
+        let lock_path = path.with_extension("db.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("Failed to open {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "the state database {} is in use by another report-relay process; stop it first \
+                 (two processes would send every report twice)",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error)
+                    .with_context(|| format!("Failed to lock {}", lock_path.display()));
+            }
+        }
         let conn = Connection::open(path)
             .with_context(|| format!("Failed to open the state database {}", path.display()))?;
         // The persisted directory snapshot can hold mailbox passwords from SeaTable rows: keep
@@ -254,6 +276,7 @@ impl State {
             .context("Failed to create the state schema")?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            _lock: Arc::new(lock),
         })
     }
 
@@ -446,10 +469,11 @@ impl State {
     /// # Errors
     /// A database error.
     pub async fn next_due_at(&self) -> anyhow::Result<Option<SystemTime>> {
-        self.with(|conn| {
+        let now = millis(SystemTime::now());
+        self.with(move |conn| {
             let next: Option<i64> = conn.query_row(
-                "SELECT MIN(not_before) FROM outbox WHERE status = 'pending'",
-                [],
+                "SELECT MIN(not_before) FROM outbox WHERE status = 'pending' AND not_before > ?1",
+                [now],
                 |row| row.get(0),
             )?;
             Ok(next.map(from_millis))
@@ -903,6 +927,9 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // The next wake-up is when the delayed send is due, not "now".
+        let next = state.next_due_at().await.unwrap().unwrap();
+        assert!(next > SystemTime::now() && next <= later);
         let due = state.due_sends(later, vec![], 10).await.unwrap();
         assert_eq!(due[0].attempts, 1);
         assert_eq!(state.migrate_chat(-100, -1001987654321).await.unwrap(), 2);
@@ -991,6 +1018,20 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = State::open(&path).unwrap();
+        let error = State::open(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("in use by another report-relay process"),
+            "{error}"
+        );
+        drop(first);
+        State::open(&path).unwrap();
     }
 
     #[tokio::test]
