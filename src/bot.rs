@@ -314,6 +314,10 @@ impl Registrar {
             if self.statuses.status(id).is_some() {
                 self.statuses.set(id, None).await?;
             }
+            if old.is_administrator() {
+                // Only the bot's admin rights changed: nothing to register again.
+                return Ok(());
+            }
             return self.promoted(bot, update).await;
         }
         if new.is_present() {
