@@ -268,7 +268,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let watchers = Watchers::new(directory.clone());
+    let watchers = Watchers::new(directory.clone(), config.imap.idle_renew_secs);
     let http = tokio::spawn(crate::http::serve(
         config.http.listen,
         watchers.clone(),
@@ -441,6 +441,7 @@ pub async fn replay_to_mailbox(
                 uid: None,
                 raw,
                 internal_date: None,
+                fetch_error: None,
             })
             .await?;
         println!(

@@ -77,6 +77,8 @@ pub fn sending_bot(
 /// Finished sends, their messages and file bytes are kept this long (for inspection), then
 /// pruned; checkpoints and `file_id`s are kept for good.
 pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// How long a stopping worker waits for sends already in flight.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(15);
 /// How often the state is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -96,6 +98,9 @@ pub enum Failure {
     StaleFileId(String),
     /// 5xx, network, timeout: retry with backoff.
     Transient(String),
+    /// Telegram answered `ok: true` but the answer could not be read: the message was
+    /// delivered; do not send it again (its `file_id` is lost).
+    AcceptedUnreadable(String),
 }
 
 /// Classifies a Bot API error (descriptions from `telegram-bot-api` `Client.cpp`).
@@ -103,9 +108,18 @@ pub fn classify(error: &RequestError) -> Failure {
     match error {
         RequestError::RetryAfter(seconds) => Failure::RetryAfter(seconds.duration()),
         RequestError::MigrateToChatId(chat) => Failure::Migrated(chat.0),
+        // A revoked or wrong token is the operator's to fix; keep the sends until then.
+        RequestError::Api(ApiError::InvalidToken) => Failure::Transient(
+            "Telegram refuses the bot token (401 Unauthorized): fix telegram.bot_token".into(),
+        ),
         RequestError::Api(api) => classify_description(&api_description(api)),
         RequestError::Network(error) => Failure::Transient(format!("network error: {error}")),
         RequestError::Io(error) => Failure::Transient(format!("I/O error: {error}")),
+        // Telegram accepted it, but teloxide cannot read the returned Message: sending again
+        // would duplicate it.
+        RequestError::InvalidJson { raw, .. } if raw.contains("\"ok\":true") => {
+            Failure::AcceptedUnreadable(raw.chars().take(200).collect())
+        }
         RequestError::InvalidJson { raw, .. } => Failure::Transient(format!(
             "unreadable answer (a proxy error page?): {}",
             raw.chars().take(200).collect::<String>()
@@ -268,8 +282,8 @@ impl DeliveryWorker {
     /// (they stay pending and are sent again after a restart).
     pub async fn run(self, cancel: CancellationToken) {
         let mut in_flight: JoinSet<()> = JoinSet::new();
-        // The chat of each task in flight; a chat is in here at most once.
-        let mut busy: HashMap<tokio::task::Id, i64> = HashMap::new();
+        // The (chat, outbox row) of each task in flight; a chat is in here at most once.
+        let mut busy: HashMap<tokio::task::Id, (i64, i64)> = HashMap::new();
         let mut last_retain = tokio::time::Instant::now();
         // Prune a minute after start, then every PRUNE_EVERY.
         let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -280,15 +294,20 @@ impl DeliveryWorker {
                 match self
                     .inner
                     .state
-                    .due_sends(SystemTime::now(), busy.values().copied().collect(), free)
+                    .due_sends(
+                        SystemTime::now(),
+                        busy.values().map(|b| b.0).collect(),
+                        busy.values().map(|b| b.1).collect(),
+                        free,
+                    )
                     .await
                 {
                     Ok(rows) => {
                         for row in rows {
-                            let chat_id = row.chat_id;
+                            let key = (row.chat_id, row.id);
                             let inner = self.inner.clone();
                             let task = in_flight.spawn(async move { inner.process(row).await });
-                            busy.insert(task.id(), chat_id);
+                            busy.insert(task.id(), key);
                         }
                     }
                     Err(error) => {
@@ -333,6 +352,16 @@ impl DeliveryWorker {
                 }
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(next_check) => {}
+            }
+        }
+        // Let sends already talking to Telegram finish, so they are marked done and not sent
+        // again after the restart; abort whatever is left after the grace period.
+        if !in_flight.is_empty() {
+            let finish = async { while in_flight.join_next().await.is_some() {} };
+            if tokio::time::timeout(IN_FLIGHT_GRACE, finish).await.is_err() {
+                warn!(
+                    "Some sends did not finish in time; they stay pending and go again after the restart."
+                );
             }
         }
         in_flight.shutdown().await;
@@ -394,13 +423,27 @@ impl Inner {
                 }
                 "retry_after"
             }
+            Err(Failure::AcceptedUnreadable(raw)) => {
+                warn!(chat_id, %raw, "Telegram accepted a send but its answer could not be read; not sending it again.");
+                if let Err(error) = self.state.finish_send(row.id, SendResult::Done).await {
+                    error!(
+                        chat_id,
+                        error = format!("{error:#}"),
+                        "Cannot mark a send done."
+                    );
+                }
+                "ok"
+            }
             Err(Failure::Permanent(reason)) => {
                 warn!(chat_id, %reason, "Telegram refused the send for good; not retrying.");
                 self.fail(row.id, &reason).await;
-                if let Err(error) = self
-                    .state
-                    .fail_rest_of_message(row.message_id, chat_id, reason.clone())
-                    .await
+                // Only when the recipient itself is out of reach do the report's other sends
+                // to it go too; a refused payload (a caption, a file) leaves the rest alone.
+                if recipient_unreachable(&reason)
+                    && let Err(error) = self
+                        .state
+                        .fail_rest_of_message(row.message_id, chat_id, reason.clone())
+                        .await
                 {
                     error!(
                         chat_id,
@@ -416,10 +459,15 @@ impl Inner {
                     | Failure::PhotoRefused(reason)
                     | Failure::StaleFileId(reason) => reason,
                     Failure::Migrated(id) => format!("migrated again to {id}"),
-                    Failure::RetryAfter(_) | Failure::Permanent(_) => String::new(),
+                    Failure::RetryAfter(_)
+                    | Failure::Permanent(_)
+                    | Failure::AcceptedUnreadable(_) => String::new(),
                 };
-                let age = SystemTime::now()
-                    .duration_since(row.created_at)
+                // Counted from the first failure, so a send that waited (a stopped relay, 429s)
+                // still gets its retries.
+                let age = row
+                    .first_failed_at
+                    .and_then(|first| SystemTime::now().duration_since(first).ok())
                     .unwrap_or_default();
                 if age >= self.give_up_after {
                     error!(
@@ -665,6 +713,16 @@ impl Inner {
     }
 }
 
+/// Whether a permanent refusal is about the recipient (blocked, kicked, not a member, deleted,
+/// chat not found) rather than the payload.
+fn recipient_unreachable(description: &str) -> bool {
+    let lower = description.to_ascii_lowercase();
+    lower.starts_with("forbidden:")
+        || lower.contains("chat not found")
+        || lower.contains("user is deactivated")
+        || lower.contains("not enough rights")
+}
+
 fn kind_order(kind: ItemKind) -> u8 {
     match kind {
         ItemKind::Photo => 0,
@@ -761,6 +819,21 @@ mod tests {
             classify_description("Internal Server Error: restart"),
             Transient(_)
         ));
+    }
+
+    #[test]
+    fn only_recipient_errors_cancel_the_rest_of_a_report() {
+        assert!(recipient_unreachable(
+            "Forbidden: bot was blocked by the user"
+        ));
+        assert!(recipient_unreachable("Bad Request: chat not found"));
+        assert!(recipient_unreachable(
+            "Bad Request: not enough rights to send documents to the chat"
+        ));
+        assert!(!recipient_unreachable(
+            "Bad Request: message caption is too long"
+        ));
+        assert!(!recipient_unreachable("Request Entity Too Large"));
     }
 
     #[test]

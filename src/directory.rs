@@ -159,11 +159,15 @@ impl Snapshot {
         }
     }
 
-    /// The mailbox row with this address (case-insensitive).
+    /// The mailbox row with this address (case-insensitive): the first enabled one, as
+    /// [`Self::enabled_mailboxes`] picks it, else the first disabled one.
     pub fn mailbox(&self, address: &str) -> Option<&Mailbox> {
+        let matching = |m: &&Mailbox| m.email.eq_ignore_ascii_case(address.trim());
         self.mailboxes
             .iter()
-            .find(|m| m.email.eq_ignore_ascii_case(address.trim()))
+            .filter(matching)
+            .find(|m| !m.disabled)
+            .or_else(|| self.mailboxes.iter().find(matching))
     }
 
     /// Mailbox rows that should be watched: not disabled, with an address. The first row wins
@@ -783,6 +787,17 @@ mod tests {
         assert_eq!(ids, [111222333, -1001987654321]);
         let m2 = s.mailbox("ops@example.com").unwrap();
         assert!(s.recipients(m2).is_empty());
+    }
+
+    #[test]
+    fn a_disabled_duplicate_row_does_not_shadow_the_enabled_one() {
+        let mut s = snapshot();
+        let mut old = s.mailboxes[0].clone();
+        old.row_id = "m0".into();
+        old.disabled = true;
+        s.mailboxes.insert(0, old);
+        assert_eq!(s.mailbox("sales@example.com").unwrap().row_id, "m1");
+        assert_eq!(s.enabled_mailboxes()[0].row_id, "m1");
     }
 
     #[test]

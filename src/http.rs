@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// A mailbox with no successful catch-up for this long makes `/readyz` answer 503.
+/// A mailbox with no successful catch-up for this long makes `/readyz` answer 503
+/// (interface.md), unless one IDLE round may last longer (`imap.idle_renew_secs` + 60 s).
 pub const CATCH_UP_STALE_AFTER: Duration = Duration::from_secs(600);
 
 /// One mailbox's health, for `/readyz`.
@@ -32,6 +33,10 @@ pub struct MailboxHealth {
     /// When the watcher started (for the 10-minute rule before a first catch-up).
     #[serde(skip)]
     pub started_at: SystemTime,
+    /// How long without a catch-up makes it stale: [`CATCH_UP_STALE_AFTER`], or longer when
+    /// one IDLE round may last longer.
+    #[serde(skip)]
+    pub stale_after: Duration,
 }
 
 fn rfc3339<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -70,7 +75,7 @@ pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
     let mailboxes = source.mailboxes();
     let fresh = |m: &MailboxHealth| {
         m.last_catch_up.is_some_and(|t| {
-            t >= m.started_at && now.duration_since(t).unwrap_or_default() < CATCH_UP_STALE_AFTER
+            t >= m.started_at && now.duration_since(t).unwrap_or_default() < m.stale_after
         })
     };
     let ready = directory_loaded && mailboxes.iter().all(fresh);
@@ -157,6 +162,7 @@ mod tests {
             last_error: None,
             last_catch_up: caught_up,
             started_at: started,
+            stale_after: CATCH_UP_STALE_AFTER,
         }
     }
 

@@ -156,7 +156,15 @@ pub struct FetchedMessage {
     pub raw: Vec<u8>,
     /// INTERNALDATE (RFC 3501 §2.3.3): when the server received it, if the server said.
     pub internal_date: Option<SystemTime>,
+    /// Set when the server would not deliver the message after [`MAX_FETCH_ATTEMPTS`]
+    /// attempts: `raw` is empty and the sink records the message as failed, so one bad message
+    /// cannot block its mailbox forever.
+    pub fetch_error: Option<String>,
 }
+
+/// How many times one UID may fail to fetch (a `NO`, a timeout, no body) before it is handed
+/// to the sink as failed.
+pub const MAX_FETCH_ATTEMPTS: u32 = 5;
 
 impl fmt::Debug for FetchedMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -165,6 +173,7 @@ impl fmt::Debug for FetchedMessage {
             .field("uid", &self.uid)
             .field("raw_bytes", &self.raw.len())
             .field("internal_date", &self.internal_date)
+            .field("fetch_error", &self.fetch_error)
             .finish()
     }
 }
@@ -395,6 +404,8 @@ pub struct MailboxWatcher<S: MessageSink, A: Authenticator = PasswordLogin> {
     auth: A,
     roots: Arc<RootCertStore>,
     status: watch::Sender<WatcherStatus>,
+    /// Failed fetch attempts per UID, across reconnects.
+    fetch_failures: std::sync::Mutex<std::collections::HashMap<u32, u32>>,
 }
 
 impl<S: MessageSink> MailboxWatcher<S> {
@@ -420,6 +431,7 @@ impl<S: MessageSink> MailboxWatcher<S> {
             auth,
             roots: Arc::new(roots),
             status,
+            fetch_failures: Default::default(),
         };
         (watcher, receiver)
     }
@@ -435,7 +447,26 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             auth,
             roots: self.roots,
             status: self.status,
+            fetch_failures: self.fetch_failures,
         }
+    }
+
+    /// Counts one failed fetch of `uid`; returns the attempts so far.
+    fn count_fetch_failure(&self, uid: u32) -> u32 {
+        let mut failures = self
+            .fetch_failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let attempts = failures.entry(uid).or_insert(0);
+        *attempts += 1;
+        *attempts
+    }
+
+    fn forget_fetch_failures(&self, uid: u32) {
+        self.fetch_failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&uid);
     }
 
     /// The same watcher trusting `roots` instead of the webpki roots: for servers with a private
@@ -928,10 +959,29 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             debug!(count = uids.len(), after_uid = last_uid, "Catching up.");
         }
         for uid in uids {
-            let Some(message) = self
-                .fetch(session, cancel, notes, uid_validity, uid)
-                .await?
-            else {
+            let fetched = match self.fetch(session, cancel, notes, uid_validity, uid).await {
+                Ok(fetched) => {
+                    self.forget_fetch_failures(uid);
+                    fetched
+                }
+                Err(error @ (SessionError::Refused { .. } | SessionError::Timeout { .. })) => {
+                    let attempts = self.count_fetch_failure(uid);
+                    if attempts < MAX_FETCH_ATTEMPTS {
+                        return Err(error);
+                    }
+                    error!(uid, attempts, error = %error, "The server will not deliver this message; recording it as failed and moving on.");
+                    self.forget_fetch_failures(uid);
+                    Some(FetchedMessage {
+                        uid_validity,
+                        uid,
+                        raw: Vec::new(),
+                        internal_date: None,
+                        fetch_error: Some(format!("{error} ({attempts} attempts)")),
+                    })
+                }
+                Err(error) => return Err(error),
+            };
+            let Some(message) = fetched else {
                 continue;
             };
             let bytes = message.raw.len();
@@ -984,9 +1034,31 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
         )
         .await?;
         if message.is_none() {
+            // No FETCH with this UID and a body: skip it only if it is really gone.
+            let mut still_there = false;
+            command(
+                session,
+                cancel,
+                self.settings.timeouts.command,
+                "UID SEARCH",
+                &format!("UID SEARCH UID {uid}"),
+                notes,
+                |response| {
+                    if let Response::MailboxData(MailboxDatum::Search(uids)) = response {
+                        still_there |= uids.contains(&uid);
+                    }
+                },
+            )
+            .await?;
+            if still_there {
+                return Err(SessionError::Refused {
+                    step: "UID FETCH",
+                    message: format!("the server returned no body for UID {uid}"),
+                });
+            }
             warn!(
                 uid,
-                "The message disappeared before it could be fetched (expunged?); skipping it."
+                "The message disappeared before it could be fetched (expunged); skipping it."
             );
         }
         Ok(message)
@@ -1490,6 +1562,7 @@ fn fetched_message(attributes: &[AttributeValue<'_>], uid_validity: u32) -> Opti
         uid: uid?,
         raw: raw?,
         internal_date,
+        fetch_error: None,
     })
 }
 
@@ -2302,6 +2375,36 @@ mod tests {
             .await;
         assert_eq!(sink.acked_uids(), [1, 2]);
         assert_eq!(fake.with(|state| state.connections), 2);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_the_server_never_delivers_is_handed_over_as_failed() {
+        let fake = Fake::start(|state| {
+            state.append(b"one");
+            state.append(b"two");
+            state.fail_fetches = MAX_FETCH_ATTEMPTS;
+        })
+        .await;
+        let sink = MemorySink::new(Some(checkpoint(1000, 0)));
+        let running = Running::start(settings(fake.addr.port()), &sink);
+        sink.wait("both messages", |state| state.acked.len() == 2)
+            .await;
+        let acked = sink.state.lock().unwrap().acked.clone();
+        assert_eq!(acked[0].uid, 1);
+        assert!(acked[0].raw.is_empty());
+        assert!(
+            acked[0]
+                .fetch_error
+                .as_deref()
+                .is_some_and(|e| e.contains("5 attempts")),
+            "{:?}",
+            acked[0].fetch_error
+        );
+        // The mailbox moved on: the next message arrives normally.
+        assert_eq!(acked[1].uid, 2);
+        assert_eq!(acked[1].raw, b"two");
+        assert_eq!(acked[1].fetch_error, None);
         running.stop().await;
     }
 

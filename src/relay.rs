@@ -70,6 +70,9 @@ pub struct Incoming {
     pub raw: Vec<u8>,
     /// IMAP INTERNALDATE, if known.
     pub internal_date: Option<SystemTime>,
+    /// Why the message could not be fetched, when the server would not deliver it; it is then
+    /// recorded as failed.
+    pub fetch_error: Option<String>,
 }
 
 /// What [`Relay::relay`] did.
@@ -139,6 +142,7 @@ impl Relay {
             uid,
             raw,
             internal_date,
+            fetch_error,
         } = incoming;
         let raw_sha256 = hex::encode(Sha256::digest(&raw));
         let checkpoint = uid.map(|(uid_validity, last_uid)| Checkpoint {
@@ -159,7 +163,11 @@ impl Relay {
         };
         let uid_field = uid.map(|u| u.1);
         let mut mailbox_row_id = None;
-        match Report::parse(&raw, &self.settings.subject_prefixes) {
+        let parsed = match fetch_error {
+            Some(error) => Err(format!("the server would not deliver it: {error}")),
+            None => Report::parse(&raw, &self.settings.subject_prefixes).map_err(|e| e.to_string()),
+        };
+        match parsed {
             Err(parse_error) => {
                 error!(%mailbox, uid = uid_field, error = %parse_error, "Cannot parse a message; recording it as failed and moving on.");
                 ack.title = "(unparseable message)".into();
@@ -295,6 +303,7 @@ impl crate::imap::MessageSink for Relay {
             uid: Some((message.uid_validity, message.uid)),
             raw: message.raw,
             internal_date: message.internal_date,
+            fetch_error: message.fetch_error,
         })
         .await
         .map(|_| ())

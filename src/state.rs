@@ -144,6 +144,8 @@ pub struct OutboxRow {
     pub attempts: u32,
     /// When the row was queued.
     pub created_at: SystemTime,
+    /// When the first transient failure of this send happened, if any.
+    pub first_failed_at: Option<SystemTime>,
     /// When the message arrived in the mailbox (or was queued).
     pub received_at: SystemTime,
 }
@@ -185,7 +187,7 @@ CREATE TABLE IF NOT EXISTS messages (
     detail          TEXT,
     received_at     INTEGER NOT NULL,
     acknowledged_at INTEGER NOT NULL,
-    UNIQUE (mailbox, uid_validity, uid)
+    UNIQUE (mailbox, uid_validity, uid, raw_sha256)
 );
 CREATE TABLE IF NOT EXISTS replays (
     mailbox    TEXT NOT NULL,
@@ -211,6 +213,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     send        TEXT NOT NULL,
     status      TEXT NOT NULL DEFAULT 'pending',
     attempts    INTEGER NOT NULL DEFAULT 0,
+    first_failed_at INTEGER,
     not_before  INTEGER NOT NULL DEFAULT 0,
     created_at  INTEGER NOT NULL,
     finished_at INTEGER,
@@ -348,8 +351,11 @@ impl State {
             let duplicate = match ack.uid {
                 Some((uid_validity, uid)) => tx
                     .query_row(
-                        "SELECT 1 FROM messages WHERE mailbox = ?1 AND uid_validity = ?2 AND uid = ?3",
-                        params![ack.mailbox, uid_validity, uid],
+                        // The content hash too: after a server restore reuses UIDs under the
+                        // same UIDVALIDITY, a new message at an old UID is not a duplicate.
+                        "SELECT 1 FROM messages WHERE mailbox = ?1 AND uid_validity = ?2 AND uid = ?3
+                           AND raw_sha256 = ?4",
+                        params![ack.mailbox, uid_validity, uid, ack.raw_sha256],
                         |_| Ok(()),
                     )
                     .optional()?
@@ -423,12 +429,13 @@ impl State {
         &self,
         now: SystemTime,
         busy: Vec<i64>,
+        in_flight: Vec<i64>,
         limit: usize,
     ) -> anyhow::Result<Vec<OutboxRow>> {
         self.with(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
-                        o.created_at, m.received_at
+                        o.created_at, m.received_at, o.first_failed_at
                  FROM outbox o JOIN messages m ON m.id = o.message_id
                  WHERE o.status = 'pending'
                    AND o.id = (SELECT MIN(i.id) FROM outbox i
@@ -441,7 +448,9 @@ impl State {
             while let Some(row) = rows.next()? {
                 let chat_id: i64 = row.get(2)?;
                 let not_before: i64 = row.get(5)?;
-                if not_before > now || busy.contains(&chat_id) {
+                let id: i64 = row.get(0)?;
+                // A row in flight blocks its chat even after a migration moved it to a new id.
+                if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
                     continue;
                 }
                 let send: String = row.get(3)?;
@@ -453,6 +462,7 @@ impl State {
                         .with_context(|| format!("Outbox row has unreadable JSON: {send}"))?,
                     attempts: row.get(4)?,
                     created_at: from_millis(row.get(6)?),
+                    first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
                     received_at: from_millis(row.get(7)?),
                 });
                 if due.len() >= limit {
@@ -538,8 +548,17 @@ impl State {
     ) -> anyhow::Result<()> {
         self.with(move |conn| {
             conn.execute(
-                "UPDATE outbox SET not_before = ?2, attempts = attempts + ?3, error = ?4 WHERE id = ?1",
-                params![id, millis(not_before), i64::from(count_attempt), error],
+                "UPDATE outbox SET not_before = ?2, attempts = attempts + ?3, error = ?4,
+                        first_failed_at = CASE WHEN ?3 = 1 THEN COALESCE(first_failed_at, ?5)
+                                               ELSE first_failed_at END
+                 WHERE id = ?1",
+                params![
+                    id,
+                    millis(not_before),
+                    i64::from(count_attempt),
+                    error,
+                    millis(SystemTime::now())
+                ],
             )?;
             Ok(())
         })
@@ -867,7 +886,7 @@ mod tests {
         assert_eq!(state.pending_count().await.unwrap(), 3);
         // Heads of each chat, in order; a busy chat is skipped.
         let due = state
-            .due_sends(SystemTime::now(), vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
             .await
             .unwrap();
         let heads: Vec<_> = due
@@ -876,19 +895,19 @@ mod tests {
             .collect();
         assert_eq!(heads, [(1, Some("a".into())), (2, Some("c".into()))]);
         let due = state
-            .due_sends(SystemTime::now(), vec![1], 10)
+            .due_sends(SystemTime::now(), vec![1], vec![], 10)
             .await
             .unwrap();
         assert_eq!(due.len(), 1);
         // Finishing the head exposes the next one of that chat.
         let first = state
-            .due_sends(SystemTime::now(), vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
             .await
             .unwrap()[0]
             .id;
         state.finish_send(first, SendResult::Done).await.unwrap();
         let due = state
-            .due_sends(SystemTime::now(), vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
             .await
             .unwrap();
         assert_eq!(due[0].send.text.as_deref(), Some("b"));
@@ -911,7 +930,7 @@ mod tests {
             .await
             .unwrap();
         let row = state
-            .due_sends(SystemTime::now(), vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
             .await
             .unwrap()[0]
             .clone();
@@ -922,7 +941,7 @@ mod tests {
             .unwrap();
         assert!(
             state
-                .due_sends(SystemTime::now(), vec![], 10)
+                .due_sends(SystemTime::now(), vec![], vec![], 10)
                 .await
                 .unwrap()
                 .is_empty()
@@ -930,10 +949,10 @@ mod tests {
         // The next wake-up is when the delayed send is due, not "now".
         let next = state.next_due_at().await.unwrap().unwrap();
         assert!(next > SystemTime::now() && next <= later);
-        let due = state.due_sends(later, vec![], 10).await.unwrap();
+        let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
         assert_eq!(due[0].attempts, 1);
         assert_eq!(state.migrate_chat(-100, -1001987654321).await.unwrap(), 2);
-        let due = state.due_sends(later, vec![], 10).await.unwrap();
+        let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
         assert_eq!(due[0].chat_id, -1001987654321);
         let failed = state
             .fail_rest_of_message(due[0].message_id, -1001987654321, "kicked".into())
@@ -997,7 +1016,7 @@ mod tests {
         });
         state.acknowledge(with_file).await.unwrap();
         let due = state
-            .due_sends(SystemTime::now(), vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
             .await
             .unwrap();
         let done = due.iter().find(|r| r.chat_id == 1).unwrap().id;
@@ -1007,7 +1026,7 @@ mod tests {
         assert_eq!(state.prune(later).await.unwrap(), 1);
         assert_eq!(state.pending_count().await.unwrap(), 1);
         assert!(state.file_bytes("f1").await.is_ok());
-        let pending = state.due_sends(later, vec![], 10).await.unwrap()[0].id;
+        let pending = state.due_sends(later, vec![], vec![], 10).await.unwrap()[0].id;
         state.finish_send(pending, SendResult::Done).await.unwrap();
         assert_eq!(state.prune(later).await.unwrap(), 3);
         assert!(state.file_bytes("f1").await.is_err());
@@ -1032,6 +1051,45 @@ mod tests {
         );
         drop(first);
         State::open(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reused_uid_with_new_content_is_not_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        state
+            .acknowledge(ack(5, vec![(1, send("a"))]))
+            .await
+            .unwrap();
+        let mut restored = ack(5, vec![(1, send("b"))]);
+        restored.raw_sha256 = "other content".into();
+        assert!(matches!(
+            state.acknowledge(restored).await.unwrap(),
+            AckResult::Stored(_)
+        ));
+        assert_eq!(state.pending_count().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        state
+            .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
+            .await
+            .unwrap();
+        let first = state
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
+            .await
+            .unwrap()[0]
+            .id;
+        state.migrate_chat(-100, -1001).await.unwrap();
+        // The first row is still in flight under the old chat id: nothing is due for the new one.
+        let due = state
+            .due_sends(SystemTime::now(), vec![-100], vec![first], 10)
+            .await
+            .unwrap();
+        assert!(due.is_empty(), "{due:?}");
     }
 
     #[tokio::test]

@@ -86,6 +86,7 @@ struct Running {
 /// The watchers' statuses, shared with `/readyz`.
 pub struct Watchers {
     directory: Arc<Directory>,
+    stale_after: Duration,
     statuses: Mutex<BTreeMap<String, (watch::Receiver<WatcherStatus>, SystemTime)>>,
 }
 
@@ -96,10 +97,13 @@ impl std::fmt::Debug for Watchers {
 }
 
 impl Watchers {
-    /// An empty registry.
-    pub fn new(directory: Arc<Directory>) -> Arc<Self> {
+    /// An empty registry. A mailbox counts as stale for `/readyz` after 10 minutes without a
+    /// catch-up, or `idle_renew_secs` + 60 s when IDLE rounds are longer than that.
+    pub fn new(directory: Arc<Directory>, idle_renew_secs: u64) -> Arc<Self> {
         Arc::new(Self {
             directory,
+            stale_after: crate::http::CATCH_UP_STALE_AFTER
+                .max(Duration::from_secs(idle_renew_secs + 60)),
             statuses: Mutex::new(BTreeMap::new()),
         })
     }
@@ -151,6 +155,7 @@ impl HealthSource for Watchers {
                     last_error,
                     last_catch_up: status.last_catch_up,
                     started_at: *started_at,
+                    stale_after: self.stale_after,
                 }
             })
             .collect()
@@ -224,7 +229,12 @@ impl<S: MessageSink> Supervisor<S> {
                     }
                 }
                 () = tokio::time::sleep_until(next_reload) => {
-                    self.reconcile(&mut tasks, &mut running, &mut by_task).await;
+                    // A slow SeaTable must not hold up shutdown.
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break,
+                        () = self.reconcile(&mut tasks, &mut running, &mut by_task) => {}
+                    }
                     next_reload = tokio::time::Instant::now() + self.reload;
                 }
             }

@@ -131,7 +131,7 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
     ));
     directory.load().await.unwrap();
     let sink = Arc::new(PanicOnce::default());
-    let watchers = Watchers::new(directory.clone());
+    let watchers = Watchers::new(directory.clone(), config.imap.idle_renew_secs);
     let supervisor = Supervisor::new(
         config,
         directory,
