@@ -123,11 +123,7 @@ fn main() {
 
         // 3: fan-out of one PDF report to 100 recipients with Telegram's documented limits.
         let stack = Stack::new().await;
-        let mailbox = stack.mailbox_row.clone();
-        let chats: Vec<i64> = (0..100).map(|i| 500_000_000 + i).collect();
-        for (i, chat) in chats.iter().enumerate() {
-            stack.add_user(&format!("User {i}"), Some(*chat), &[&mailbox]);
-        }
+        let chats = stack.add_subscribers(100, 500_000_000);
         let tuning = Tuning::default();
         let relay = stack.start(&tuning);
         stack.wait_ready(1).await;

@@ -790,22 +790,6 @@ impl State {
         })
         .await
     }
-
-    /// Counts of outbox rows per status for one message (for tests and `replay`).
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn outbox_statuses(&self, message_id: i64) -> anyhow::Result<Vec<(i64, String)>> {
-        self.with(move |conn| {
-            let mut statement = conn
-                .prepare("SELECT chat_id, status FROM outbox WHERE message_id = ?1 ORDER BY id")?;
-            let rows = statement
-                .query_map([message_id], |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
-    }
 }
 
 fn kind_name(kind: ItemKind) -> &'static str {
@@ -846,6 +830,13 @@ mod tests {
         }
     }
 
+    /// A state in a fresh temp dir (kept alive by the returned guard).
+    fn fresh_state() -> (tempfile::TempDir, State) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        (dir, state)
+    }
+
     fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
         Acknowledgement {
             mailbox: "reports@example.com".into(),
@@ -869,8 +860,7 @@ mod tests {
 
     #[tokio::test]
     async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         let result = state
             .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
             .await
@@ -923,8 +913,7 @@ mod tests {
 
     #[tokio::test]
     async fn retries_wait_and_migrations_move_pending_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         state
             .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
             .await
@@ -1005,8 +994,7 @@ mod tests {
 
     #[tokio::test]
     async fn prune_keeps_pending_work_and_drops_old_finished_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         let mut with_file = ack(1, vec![(1, send("done")), (2, send("pending"))]);
         with_file.sends[1].1.items.push(OutboxItem {
             kind: ItemKind::Photo,
@@ -1055,8 +1043,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reused_uid_with_new_content_is_not_a_duplicate() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         state
             .acknowledge(ack(5, vec![(1, send("a"))]))
             .await
@@ -1072,8 +1059,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         state
             .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
             .await
@@ -1094,8 +1080,7 @@ mod tests {
 
     #[tokio::test]
     async fn replays_are_keyed_by_content_hash() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh_state();
         let mut replay = ack(0, vec![(1, send("a"))]);
         replay.uid = None;
         replay.checkpoint = None;

@@ -176,11 +176,7 @@ async fn a_three_tab_dashboard_is_one_album() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_to_sixty_subscribers_is_uploaded_once() {
     let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let chats: Vec<i64> = (0..60).map(|i| 300_000_000 + i).collect();
-    for (i, chat) in chats.iter().enumerate() {
-        stack.add_user(&format!("User {i}"), Some(*chat), &[&mailbox]);
-    }
+    let chats = stack.add_subscribers(60, 300_000_000);
     let tuning = Tuning {
         global_per_second: 200,
         ..Tuning::default()
@@ -466,11 +462,7 @@ async fn a_new_uidvalidity_replays_no_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_a_fan_out_loses_nothing_and_repeats_at_most_one_send() {
     let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let chats: Vec<i64> = (0..40).map(|i| 400_000_000 + i).collect();
-    for (i, chat) in chats.iter().enumerate() {
-        stack.add_user(&format!("User {i}"), Some(*chat), &[&mailbox]);
-    }
+    let chats = stack.add_subscribers(40, 400_000_000);
     // One send in flight at a time, paced at 20 per second.
     let tuning = Tuning {
         global_per_second: 20,

@@ -415,7 +415,7 @@ fn escape_html_attribute(text: &str) -> String {
 }
 
 /// The visible text of HTML produced by this module: tags removed, the four entities decoded.
-/// Used to check limits in tests and by the delivery worker's plain-text fallback.
+/// Used to check the limits in tests.
 pub fn visible_text(html: &str) -> String {
     let mut out = String::with_capacity(html.len());
     let mut rest = html;

@@ -128,6 +128,19 @@ impl Stack {
         row
     }
 
+    /// Adds `count` registered users with chat ids `first_id`, `first_id + 1`, …, all subscribed
+    /// to the stack's mailbox; returns their chat ids.
+    pub fn add_subscribers(&self, count: i64, first_id: i64) -> Vec<i64> {
+        let mailbox = self.mailbox_row.clone();
+        (0..count)
+            .map(|i| {
+                let chat = first_id + i;
+                self.add_user(&format!("User {i}"), Some(chat), &[&mailbox]);
+                chat
+            })
+            .collect()
+    }
+
     /// Adds a group row bound to `mailbox_rows`.
     pub fn add_group(&self, name: &str, chat_id: Option<i64>, mailbox_rows: &[&str]) -> String {
         let row = self.seatable.add_row(
