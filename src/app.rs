@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::future::BoxFuture;
-use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -18,7 +16,8 @@ use tracing::{error, info, warn};
 use crate::config::{Config, TableNames};
 use crate::delivery::{DeliverySettings, DeliveryWorker, sending_bot};
 use crate::directory::{
-    ChatStatuses, Directory, DirectoryBackend, LastUidWriter, Migrations, Snapshot, SnapshotSource,
+    ChatStatuses, Directory, DirectoryBackend, LastUidWriter, Migrations, SeaTableBackend,
+    SnapshotSource,
 };
 use crate::metrics::Metrics;
 use crate::relay::{Incoming, Relay, RelaySettings};
@@ -31,129 +30,6 @@ use crate::supervisor::{Supervisor, Watchers};
 const LAST_UID_WRITE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for watchers and in-flight work after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// The directory backed by SeaTable.
-pub struct SeaTableBackend {
-    client: SeaTableClient,
-    tables: TableNames,
-}
-
-impl std::fmt::Debug for SeaTableBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SeaTableBackend")
-    }
-}
-
-impl SeaTableBackend {
-    /// A backend reading and writing the configured tables through `client`.
-    pub fn new(client: SeaTableClient, tables: TableNames) -> Self {
-        Self { client, tables }
-    }
-
-    /// The SeaTable client.
-    pub fn client(&self) -> &SeaTableClient {
-        &self.client
-    }
-
-    /// Writes one text cell of one row (`PUT` rows).
-    fn write_text(
-        &self,
-        table: &str,
-        row_id: &str,
-        column: &str,
-        value: String,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + '_ {
-        let (table, row_id) = (table.to_owned(), row_id.to_owned());
-        let mut row = Map::new();
-        row.insert(column.to_owned(), json!(value));
-        async move {
-            self.client.update_rows(&table, &[(row_id, row)]).await?;
-            Ok(())
-        }
-    }
-}
-
-/// Quotes a table or column name for SeaTable SQL.
-pub fn quote(identifier: &str) -> String {
-    format!("`{}`", identifier.replace('`', ""))
-}
-
-impl DirectoryBackend for SeaTableBackend {
-    fn fetch(&self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
-        Box::pin(async move {
-            let (users, mailboxes, groups) = tokio::try_join!(
-                self.client.list_rows(&self.tables.users),
-                self.client.list_rows(&self.tables.mailboxes),
-                self.client.list_rows(&self.tables.groups),
-            )?;
-            let maps = |rows: Vec<crate::seatable::Row>| -> Vec<Map<String, Value>> {
-                rows.into_iter().map(|r| r.into_map()).collect()
-            };
-            Ok(Snapshot::from_rows(
-                &maps(users),
-                &maps(mailboxes),
-                &maps(groups),
-            ))
-        })
-    }
-
-    fn write_last_uid(
-        &self,
-        mailbox_row_id: &str,
-        last_uid: u32,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(self.write_text(
-            &self.tables.mailboxes,
-            mailbox_row_id,
-            "last_uid",
-            last_uid.to_string(),
-        ))
-    }
-
-    fn write_user_telegram_id(
-        &self,
-        user_row_id: &str,
-        telegram_id: i64,
-    ) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(self.write_text(
-            &self.tables.users,
-            user_row_id,
-            "id_telegram",
-            telegram_id.to_string(),
-        ))
-    }
-
-    fn claim_group(&self, group_row_id: &str, chat_id: i64) -> BoxFuture<'_, anyhow::Result<bool>> {
-        let row_id = group_row_id.to_owned();
-        Box::pin(async move {
-            // SeaTable has no compare-and-set and SQL UPDATE reports no affected count: claim
-            // with a conditional UPDATE, then read the row back (seatable-api.md §6).
-            let sql = format!(
-                "UPDATE {} SET `id_telegram_chat` = ?, `is_locked` = true \
-                 WHERE `_id` = ? AND `id_telegram_chat` IS NULL",
-                quote(&self.tables.groups)
-            );
-            self.client
-                .sql(&sql, &[json!(chat_id.to_string()), json!(row_id)])
-                .await?;
-            let row = self.client.get_row(&self.tables.groups, &row_id).await?;
-            Ok(row.text("id_telegram_chat").map(str::trim) == Some(chat_id.to_string().as_str()))
-        })
-    }
-
-    fn rewrite_group_chat_id(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            let sql = format!(
-                "UPDATE {} SET `id_telegram_chat` = ? WHERE `id_telegram_chat` = ?",
-                quote(&self.tables.groups)
-            );
-            self.client
-                .sql(&sql, &[json!(new.to_string()), json!(old.to_string())])
-                .await?;
-            Ok(())
-        })
-    }
-}
 
 /// The HTTP client for SeaTable: every request times out.
 fn seatable_http() -> anyhow::Result<reqwest::Client> {

@@ -19,20 +19,18 @@
 //! - **Crash safety:** a row is marked done the moment Telegram accepts it.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
+use teloxide::RequestError;
 use teloxide::payloads::{SendDocumentSetters, SendMessageSetters, SendPhotoSetters};
 use teloxide::prelude::{Requester, *};
 use teloxide::types::{
     ChatId, FileId, InputFile, InputMedia, InputMediaDocument, InputMediaPhoto, LinkPreviewOptions,
     Message, ParseMode,
 };
-use teloxide::{ApiError, RequestError};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +40,14 @@ use crate::config::TelegramLimits;
 use crate::metrics::Metrics;
 use crate::report::render::{ItemKind, Method};
 use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, State};
+
+mod classify;
+mod limits;
+
+pub use self::classify::{Failure, classify, classify_description};
+pub use self::limits::Limiters;
+
+use self::classify::recipient_unreachable;
 
 /// How the directory hears about chats the worker learned something about.
 pub trait ChatEvents: Send + Sync + 'static {
@@ -81,144 +87,6 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(15);
 /// How often the state is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-
-/// What one failed Bot API call means for the send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// 429: wait this long, then retry (only this chat waits).
-    RetryAfter(Duration),
-    /// The basic group is now the supergroup with this id.
-    Migrated(i64),
-    /// This recipient will not take it (blocked, kicked, not a member, chat not found, no
-    /// rights, a deactivated account), or the payload is refused for good.
-    Permanent(String),
-    /// Telegram refuses the photo's size: send the same bytes as a document.
-    PhotoRefused(String),
-    /// A stored `file_id` is no longer accepted: upload again.
-    StaleFileId(String),
-    /// 5xx, network, timeout: retry with backoff.
-    Transient(String),
-    /// Telegram answered `ok: true` but the answer could not be read: the message was
-    /// delivered; do not send it again (its `file_id` is lost).
-    AcceptedUnreadable(String),
-}
-
-/// Classifies a Bot API error (descriptions from `telegram-bot-api` `Client.cpp`).
-pub fn classify(error: &RequestError) -> Failure {
-    match error {
-        RequestError::RetryAfter(seconds) => Failure::RetryAfter(seconds.duration()),
-        RequestError::MigrateToChatId(chat) => Failure::Migrated(chat.0),
-        // A revoked or wrong token is the operator's to fix; keep the sends until then.
-        RequestError::Api(ApiError::InvalidToken) => Failure::Transient(
-            "Telegram refuses the bot token (401 Unauthorized): fix telegram.bot_token".into(),
-        ),
-        RequestError::Api(api) => classify_description(&api_description(api)),
-        RequestError::Network(error) => Failure::Transient(format!("network error: {error}")),
-        RequestError::Io(error) => Failure::Transient(format!("I/O error: {error}")),
-        // Telegram accepted it, but teloxide cannot read the returned Message: sending again
-        // would duplicate it.
-        RequestError::InvalidJson { raw, .. } if raw.contains("\"ok\":true") => {
-            Failure::AcceptedUnreadable(raw.chars().take(200).collect())
-        }
-        RequestError::InvalidJson { raw, .. } => Failure::Transient(format!(
-            "unreadable answer (a proxy error page?): {}",
-            raw.chars().take(200).collect::<String>()
-        )),
-    }
-}
-
-fn api_description(error: &ApiError) -> String {
-    match error {
-        ApiError::Unknown(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Classifies a Bot API error description.
-pub fn classify_description(description: &str) -> Failure {
-    let text = description.to_owned();
-    let lower = description.to_ascii_lowercase();
-    // An album item failing is wrapped: `Failed to send message #k with the error message "…"`.
-    if let Some(at) = lower.find("retry after ") {
-        let digits: String = lower[at + 12..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        if let Ok(seconds) = digits.parse::<u64>() {
-            return Failure::RetryAfter(Duration::from_secs(seconds));
-        }
-    }
-    if lower.contains("photo_invalid_dimensions")
-        || lower.contains("image_process_failed")
-        || lower.contains("photo_save_file_invalid")
-    {
-        return Failure::PhotoRefused(text);
-    }
-    if lower.contains("wrong file identifier")
-        || lower.contains("file_id")
-        || lower.contains("wrong remote file")
-    {
-        return Failure::StaleFileId(text);
-    }
-    let permanent_prefixes = [
-        "forbidden:",
-        "bad request:",
-        "unauthorized",
-        "not found",
-        "request entity too large",
-        "conflict:",
-    ];
-    if permanent_prefixes.iter().any(|p| lower.starts_with(p)) {
-        return Failure::Permanent(text);
-    }
-    Failure::Transient(text)
-}
-
-/// The governor limiters of `telegram.limits`.
-pub struct Limiters {
-    global: DefaultDirectRateLimiter,
-    chat: DefaultKeyedRateLimiter<i64>,
-    group: DefaultKeyedRateLimiter<i64>,
-}
-
-impl std::fmt::Debug for Limiters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Limiters")
-    }
-}
-
-impl Limiters {
-    /// Builds the limiters; zero rates were rejected by config validation and become 1.
-    pub fn new(limits: &TelegramLimits) -> Self {
-        let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        let per_group = Duration::from_secs(60) / limits.group_per_minute.max(1);
-        let group_quota = Quota::with_period(per_group)
-            .unwrap_or_else(|| Quota::per_minute(nonzero(limits.group_per_minute)))
-            .allow_burst(NonZeroU32::MIN);
-        Self {
-            global: RateLimiter::direct(Quota::per_second(nonzero(limits.global_per_second))),
-            chat: RateLimiter::keyed(Quota::per_second(nonzero(limits.chat_per_second))),
-            group: RateLimiter::keyed(group_quota),
-        }
-    }
-
-    /// Waits for `cells` messages' worth of room towards `chat_id`, one cell at a time.
-    pub async fn until_ready(&self, chat_id: i64, cells: usize) {
-        for _ in 0..cells {
-            self.chat.until_key_ready(&chat_id).await;
-            if chat_id < 0 {
-                self.group.until_key_ready(&chat_id).await;
-            }
-            self.global.until_ready().await;
-        }
-    }
-
-    /// Drops the state of keys that are back at full capacity.
-    pub fn retain_recent(&self) {
-        self.chat.retain_recent();
-        self.group.retain_recent();
-    }
-}
 
 /// The outbox worker. Build with [`DeliveryWorker::new`], run with [`DeliveryWorker::run`].
 pub struct DeliveryWorker {
@@ -711,16 +579,6 @@ impl Inner {
             .map_err(|e| Failure::Permanent(format!("{e:#}")))?;
         Ok(InputFile::memory(bytes).file_name(item.file_name.clone()))
     }
-}
-
-/// Whether a permanent refusal is about the recipient (blocked, kicked, not a member, deleted,
-/// chat not found) rather than the payload.
-fn recipient_unreachable(description: &str) -> bool {
-    let lower = description.to_ascii_lowercase();
-    lower.starts_with("forbidden:")
-        || lower.contains("chat not found")
-        || lower.contains("user is deactivated")
-        || lower.contains("not enough rights")
 }
 
 fn kind_order(kind: ItemKind) -> u8 {

@@ -7,16 +7,18 @@
 //!
 //! - [`supervisor`]: one [`imap::MailboxWatcher`] per enabled mailbox row, reloaded every
 //!   `seatable.reload_secs`, restarted on panic.
-//! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever.
+//! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever;
+//!   one file per step under `imap/` (connect, auth, command, select, idle, wire, check).
 //! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
 //!   [`report::render`]'s plan, the recipients from [`directory`], and one SQLite transaction
 //!   in [`state`] (message, outbox rows, checkpoint).
-//! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits, uploading each
-//!   file once.
+//! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits (its pacer in
+//!   `delivery/limits.rs`, error classes in `delivery/classify.rs`), uploading each file once.
 //! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
 //!
-//! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client) and [`schema`]
-//! (`seatable-schema/`), [`directory`] (cached snapshot, migrations, chat statuses), [`http`]
+//! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client: token, rows, errors,
+//! metadata) and [`schema`] (`seatable-schema/`), [`directory`] (cached snapshot, its model,
+//! the SeaTable backend that owns every SeaTable write, migrations, chat statuses), [`http`]
 //! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`app`] (composition root), [`cli`] and
 //! [`replay`] (the command line).
 

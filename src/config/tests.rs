@@ -1,0 +1,199 @@
+use super::*;
+use secrecy::ExposeSecret;
+
+const MINIMAL: &str = "
+telegram:
+  bot_token: ${TELEGRAM_BOT_TOKEN}
+seatable:
+  server_url: https://cloud.seatable.io
+  api_token: ${SEATABLE_API_TOKEN}
+";
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "TELEGRAM_BOT_TOKEN" => Some("123456:ABC-secret".into()),
+        "SEATABLE_API_TOKEN" => Some("st-secret".into()),
+        "IMAP_PORT" => Some("1143".into()),
+        "PASS" => Some("p#ss: word".into()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    }
+}
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_yaml(text, Path::new("config.yaml"), &env)
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(
+        config.telegram.bot_token.expose_secret(),
+        "123456:ABC-secret"
+    );
+    assert_eq!(config.telegram.api_url, "https://api.telegram.org");
+    assert_eq!(config.telegram.limits, TelegramLimits::default());
+    assert_eq!(config.telegram.limits.global_per_second, 30);
+    assert_eq!(config.telegram.png_as, PngAs::Photo);
+    assert_eq!(config.telegram.max_upload_bytes, 50_000_000);
+    assert_eq!(config.telegram.default_country_code, "7");
+    assert_eq!(config.seatable.cache_ttl_secs, 60);
+    assert_eq!(config.seatable.reload_secs, 60);
+    assert_eq!(config.seatable.tables.groups, "t_chats");
+    assert_eq!(config.imap.port, 993);
+    assert_eq!(config.imap.tls, TlsMode::Implicit);
+    assert_eq!(config.imap.folder, "INBOX");
+    assert_eq!(config.imap.idle_renew_secs, 540);
+    assert_eq!(config.reports.subject_prefixes, ["[Report]", "[Alert]"]);
+    assert!(!config.reports.forward_errors);
+    assert_eq!(config.delivery.concurrency, 16);
+    assert_eq!(config.delivery.give_up_after_secs, 86_400);
+    assert_eq!(
+        config.state.path,
+        PathBuf::from("/var/lib/report-relay/state.db")
+    );
+    assert_eq!(config.http.listen.to_string(), "127.0.0.1:9464");
+}
+
+#[test]
+fn variables_expand_per_scalar_before_type_conversion() {
+    let text = format!(
+        "{MINIMAL}imap:\n  host: imap.example.com\n  port: ${{IMAP_PORT:-993}}\n  \
+         accounts:\n    Reports@Example.com:\n      password: ${{PASS}}\n\
+         reports:\n  forward_errors: ${{FORWARD:-true}}\n"
+    );
+    let config = load(&text).unwrap();
+    assert_eq!(config.imap.port, 1143);
+    assert!(config.reports.forward_errors);
+    let password = config.imap.password_for("reports@example.com").unwrap();
+    assert_eq!(password.expose_secret(), "p#ss: word");
+}
+
+#[test]
+fn expansion_rules() {
+    assert_eq!(expand_vars("a${PASS}b", &env).unwrap(), "ap#ss: wordb");
+    assert_eq!(expand_vars("${NOPE:-993}", &env).unwrap(), "993");
+    assert_eq!(expand_vars("${EMPTY:-x}", &env).unwrap(), "x");
+    assert_eq!(expand_vars("${EMPTY}", &env).unwrap(), "");
+    assert_eq!(expand_vars("$$5 and $x", &env).unwrap(), "$5 and $x");
+    assert!(
+        expand_vars("${NOPE}", &env)
+            .unwrap_err()
+            .contains("NOPE is not set")
+    );
+    assert!(
+        expand_vars("${OPEN", &env)
+            .unwrap_err()
+            .contains("unterminated")
+    );
+    assert!(
+        expand_vars("${1X}", &env)
+            .unwrap_err()
+            .contains("bad variable")
+    );
+}
+
+#[test]
+fn unset_variable_names_key_and_file() {
+    let text = MINIMAL.replace("${SEATABLE_API_TOKEN}", "${MISSING_TOKEN}");
+    let error = load(&text).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "config.yaml: seatable.api_token: environment variable MISSING_TOKEN is not set"
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let text = format!("{MINIMAL}delivery:\n  concurency: 4\n");
+    let error = load(&text).unwrap_err().to_string();
+    assert!(
+        error.starts_with("config.yaml: delivery.concurency: unknown field `concurency`"),
+        "{error}"
+    );
+    let error = load(&format!("{MINIMAL}extra: 1\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown field `extra`"), "{error}");
+}
+
+#[test]
+fn missing_required_keys_are_named() {
+    let error = load("telegram:\n  bot_token: x\n").unwrap_err().to_string();
+    assert_eq!(error, "config.yaml: seatable: required key is missing");
+    let text =
+        "telegram:\n  api_url: http://x\nseatable:\n  server_url: https://a\n  api_token: t\n";
+    let error = load(text).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "config.yaml: telegram.bot_token: required key is missing"
+    );
+}
+
+#[test]
+fn wrong_types_and_ranges_are_named() {
+    let error = load(&format!("{MINIMAL}imap:\n  port: lots\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("config.yaml: imap.port: invalid digit"),
+        "{error}"
+    );
+    let error = load(&format!("{MINIMAL}imap:\n  tls: ssl\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("imap.tls: expected implicit, starttls or none"),
+        "{error}"
+    );
+    let text = MINIMAL.replace("telegram:\n", "telegram:\n  png_as: picture\n");
+    assert!(
+        load(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("telegram.png_as")
+    );
+    let error = load(&format!("{MINIMAL}delivery:\n  concurrency: 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "config.yaml: delivery.concurrency: must be at least 1"
+    );
+    let error = load(&format!("{MINIMAL}imap:\n  auth: xoauth2\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("imap.auth: xoauth2 is reserved"), "{error}");
+    let text = MINIMAL.replace("https://cloud.seatable.io", "cloud.seatable.io");
+    assert!(
+        load(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("seatable.server_url")
+    );
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let text =
+        format!("{MINIMAL}imap:\n  accounts:\n    a@example.com:\n      password: ${{PASS}}\n");
+    let config = load(&text).unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("ABC-secret"), "{debug}");
+    assert!(!debug.contains("st-secret"), "{debug}");
+    assert!(!debug.contains("p#ss"), "{debug}");
+}
+
+#[test]
+fn the_shipped_examples_load() {
+    let env = |name: &str| Some(format!("value-of-{name}"));
+    for file in ["config.yaml.example", "docker/config.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config =
+            Config::from_yaml(&text, &path, &env).unwrap_or_else(|error| panic!("{error}"));
+        if file.starts_with("docker") {
+            assert_eq!(config.http.listen.to_string(), "0.0.0.0:9464");
+        }
+    }
+}

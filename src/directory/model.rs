@@ -1,0 +1,297 @@
+//! The directory's model: users, mailboxes and groups as the relay needs them, read leniently
+//! from SeaTable rows (a typo in one cell drops that row with a warning, never the table).
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tracing::warn;
+
+/// A SeaTable row keyed by column name (`convert_keys=true`).
+pub type RowMap = Map<String, Value>;
+
+/// One row of the users table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Row `_id`.
+    pub row_id: String,
+    /// `Name`.
+    pub name: String,
+    /// `phone`, as the sysadmin typed it.
+    pub phone: String,
+    /// Row `_id`s of the linked mailboxes (`mailboxes` link cell).
+    pub mailbox_ids: Vec<String>,
+    /// `id_telegram` parsed as a Telegram user id, when set.
+    pub telegram_id: Option<i64>,
+}
+
+/// One row of the mailboxes table.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mailbox {
+    /// Row `_id`.
+    pub row_id: String,
+    /// `Name`, a short name such as `sales`.
+    pub name: String,
+    /// `email`: the address Superset sends to and the default IMAP login.
+    pub email: String,
+    /// `description`, shown to users in `/start`.
+    pub description: String,
+    /// `last_uid`, the last relayed UID as the relay (or the bot it replaces) wrote it.
+    pub last_uid: Option<u32>,
+    /// `imap_host` override.
+    pub imap_host: Option<String>,
+    /// `imap_port` override.
+    pub imap_port: Option<u16>,
+    /// `imap_login` override.
+    pub imap_login: Option<String>,
+    /// `imap_password` override. Never printed.
+    pub imap_password: Option<String>,
+    /// `folder` override.
+    pub folder: Option<String>,
+    /// `allowed_senders`: lowercase addresses and `@domain`s; empty means anyone.
+    pub allowed_senders: Vec<String>,
+    /// `disabled`: a ticked row is not watched.
+    pub disabled: bool,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox")
+            .field("row_id", &self.row_id)
+            .field("name", &self.name)
+            .field("email", &self.email)
+            .field("last_uid", &self.last_uid)
+            .field("imap_host", &self.imap_host)
+            .field("imap_port", &self.imap_port)
+            .field("imap_login", &self.imap_login)
+            .field(
+                "imap_password",
+                &self.imap_password.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("folder", &self.folder)
+            .field("allowed_senders", &self.allowed_senders)
+            .field("disabled", &self.disabled)
+            .finish()
+    }
+}
+
+impl Mailbox {
+    /// Whether mail from `from` may be relayed (`allowed_senders`, matched case-insensitively;
+    /// `@example.com` matches exactly that domain).
+    pub fn allows_sender(&self, from: Option<&str>) -> bool {
+        if self.allowed_senders.is_empty() {
+            return true;
+        }
+        let Some(from) = from.map(|f| f.trim().to_ascii_lowercase()) else {
+            return false;
+        };
+        let domain = from.rsplit_once('@').map(|(_, d)| d);
+        self.allowed_senders
+            .iter()
+            .any(|allowed| match allowed.strip_prefix('@') {
+                Some(allowed_domain) => domain == Some(allowed_domain),
+                None => *allowed == from,
+            })
+    }
+}
+
+/// One row of the groups table (`t_chats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Row `_id`.
+    pub row_id: String,
+    /// `Name`: must equal the Telegram group's title.
+    pub name: String,
+    /// `id_telegram_chat` parsed as a chat id (negative), when set.
+    pub chat_id: Option<i64>,
+    /// `is_locked`.
+    pub is_locked: bool,
+    /// Row `_id`s of the linked mailboxes.
+    pub mailbox_ids: Vec<String>,
+}
+
+/// Who receives a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Recipient {
+    /// The Telegram `chat_id`: a user id, or a negative group id.
+    pub chat_id: i64,
+}
+
+/// The three tables at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Users.
+    pub users: Vec<User>,
+    /// Mailboxes.
+    pub mailboxes: Vec<Mailbox>,
+    /// Groups.
+    pub groups: Vec<Group>,
+    /// When it was read from SeaTable.
+    pub fetched_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from name-keyed rows of the three tables. Cells of the wrong shape are
+    /// treated as empty, with a warning.
+    pub fn from_rows(users: &[RowMap], mailboxes: &[RowMap], groups: &[RowMap]) -> Self {
+        Self {
+            users: users.iter().filter_map(parse_user).collect(),
+            mailboxes: mailboxes.iter().filter_map(parse_mailbox).collect(),
+            groups: groups.iter().filter_map(parse_group).collect(),
+            fetched_at: SystemTime::now(),
+        }
+    }
+
+    /// The mailbox row with this address (case-insensitive): the first enabled one, as
+    /// [`Self::enabled_mailboxes`] picks it, else the first disabled one.
+    pub fn mailbox(&self, address: &str) -> Option<&Mailbox> {
+        let matching = |m: &&Mailbox| m.email.eq_ignore_ascii_case(address.trim());
+        self.mailboxes
+            .iter()
+            .filter(matching)
+            .find(|m| !m.disabled)
+            .or_else(|| self.mailboxes.iter().find(matching))
+    }
+
+    /// Mailbox rows that should be watched: not disabled, with an address. The first row wins
+    /// when two rows have the same address.
+    pub fn enabled_mailboxes(&self) -> Vec<&Mailbox> {
+        let mut seen = BTreeSet::new();
+        self.mailboxes
+            .iter()
+            .filter(|m| !m.disabled && !m.email.is_empty())
+            .filter(|m| seen.insert(m.email.to_ascii_lowercase()))
+            .collect()
+    }
+
+    /// Every registered user and group bound to the mailbox, each chat once, users first.
+    pub fn recipients(&self, mailbox: &Mailbox) -> Vec<Recipient> {
+        let mut seen = BTreeSet::new();
+        let users = self
+            .users
+            .iter()
+            .filter(|u| u.mailbox_ids.contains(&mailbox.row_id))
+            .filter_map(|u| u.telegram_id);
+        let groups = self
+            .groups
+            .iter()
+            .filter(|g| g.mailbox_ids.contains(&mailbox.row_id))
+            .filter_map(|g| g.chat_id);
+        users
+            .chain(groups)
+            .filter(|id| seen.insert(*id))
+            .map(|chat_id| Recipient { chat_id })
+            .collect()
+    }
+}
+
+fn text(row: &RowMap, column: &str) -> Option<String> {
+    match row.get(column)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn link_ids(row: &RowMap, column: &str) -> Vec<String> {
+    match row.get(column) {
+        Some(Value::Array(links)) => links
+            .iter()
+            .filter_map(|l| l.get("row_id").and_then(Value::as_str).map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn id_column(row: &RowMap, table: &str, column: &str) -> Option<i64> {
+    let value = text(row, column)?;
+    match value.parse::<i64>() {
+        Ok(id) => Some(id),
+        Err(_) => {
+            warn!(
+                table,
+                column, value, "Ignoring a Telegram id that is not a decimal number."
+            );
+            None
+        }
+    }
+}
+
+fn parse_user(row: &RowMap) -> Option<User> {
+    Some(User {
+        row_id: text(row, "_id")?,
+        name: text(row, "Name").unwrap_or_default(),
+        phone: text(row, "phone").unwrap_or_default(),
+        mailbox_ids: link_ids(row, "mailboxes"),
+        telegram_id: id_column(row, "users", "id_telegram"),
+    })
+}
+
+fn parse_mailbox(row: &RowMap) -> Option<Mailbox> {
+    let email = text(row, "email").unwrap_or_default();
+    let last_uid = text(row, "last_uid").and_then(|v| match v.parse::<u32>() {
+        Ok(uid) => Some(uid),
+        Err(_) => {
+            warn!(
+                mailbox = email,
+                value = v,
+                "Ignoring a last_uid that is not a decimal UID."
+            );
+            None
+        }
+    });
+    let imap_port = text(row, "imap_port").and_then(|v| {
+        // A number column may come back as 993 or 993.0.
+        let port = v
+            .parse::<f64>()
+            .ok()
+            .filter(|p| p.fract() == 0.0 && *p > 0.0 && *p < 65536.0);
+        if port.is_none() {
+            warn!(
+                mailbox = email,
+                value = v,
+                "Ignoring an imap_port that is not a port number."
+            );
+        }
+        port.map(|p| p as u16)
+    });
+    let allowed_senders = text(row, "allowed_senders")
+        .map(|v| {
+            v.split([',', ';', ' ', '\n'])
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Mailbox {
+        row_id: text(row, "_id")?,
+        name: text(row, "Name").unwrap_or_default(),
+        description: text(row, "description").unwrap_or_default(),
+        last_uid,
+        imap_host: text(row, "imap_host"),
+        imap_port,
+        imap_login: text(row, "imap_login"),
+        imap_password: text(row, "imap_password"),
+        folder: text(row, "folder"),
+        allowed_senders,
+        disabled: row
+            .get("disabled")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        email,
+    })
+}
+
+fn parse_group(row: &RowMap) -> Option<Group> {
+    Some(Group {
+        row_id: text(row, "_id")?,
+        name: text(row, "Name").unwrap_or_default(),
+        chat_id: id_column(row, "t_chats", "id_telegram_chat"),
+        is_locked: row
+            .get("is_locked")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        mailbox_ids: link_ids(row, "mailboxes"),
+    })
+}

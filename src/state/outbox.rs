@@ -1,0 +1,413 @@
+//! The outbox: an acknowledged message with its files, one row per (recipient `chat_id`, send) and
+//! the checkpoint in one transaction; then due sends handed out per chat in order, finished,
+//! retried, moved on a migration, and pruned once done.
+
+use std::time::SystemTime;
+
+use anyhow::Context;
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::report::render::{ItemKind, Method};
+
+use super::files::*;
+use super::{MessageOutcome, State, from_millis, millis, write_checkpoint};
+use crate::imap::Checkpoint;
+
+/// One file of a send, as stored in an outbox row. The bytes live once per sha256 in `files`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    /// Photo or document.
+    pub kind: ItemKind,
+    /// SHA-256 of the bytes, lowercase hex.
+    pub sha256: String,
+    /// The file name shown in Telegram.
+    pub file_name: String,
+    /// The caption (HTML) on this item, if any.
+    pub caption: Option<String>,
+}
+
+/// One Bot API call for one chat, as stored in an outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxSend {
+    /// The method.
+    pub method: Method,
+    /// The files; empty for `sendMessage`.
+    pub items: Vec<OutboxItem>,
+    /// The HTML text of a `sendMessage`.
+    pub text: Option<String>,
+}
+
+/// Everything [`State::acknowledge`] writes in one transaction.
+#[derive(Debug, Clone)]
+pub struct Acknowledgement {
+    /// The mailbox address.
+    pub mailbox: String,
+    /// `(UIDVALIDITY, UID)` for a message from IMAP; `None` for `replay --mailbox`.
+    pub uid: Option<(u32, u32)>,
+    /// SHA-256 of the raw message, lowercase hex (the ledger key for replays).
+    pub raw_sha256: String,
+    /// The report title (or a short description for a failed message).
+    pub title: String,
+    /// What happened.
+    pub outcome: MessageOutcome,
+    /// The reason for a skip, filter or failure.
+    pub detail: Option<String>,
+    /// When the message arrived in the mailbox (IMAP INTERNALDATE), if known.
+    pub received_at: Option<SystemTime>,
+    /// The files the sends refer to.
+    pub files: Vec<StoredFile>,
+    /// One entry per (recipient chat_id, send), in send order per chat.
+    pub sends: Vec<(i64, OutboxSend)>,
+    /// The new checkpoint of the mailbox, written in the same transaction.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// The result of [`State::acknowledge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    /// Stored; the message's row id.
+    Stored(i64),
+    /// The message was stored before (same UID, or same content for a replay); nothing new
+    /// was queued. The checkpoint was still written.
+    Duplicate,
+}
+
+/// An outbox row due for sending.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Row id; the order of sends within a chat.
+    pub id: i64,
+    /// The message's row id.
+    pub message_id: i64,
+    /// The recipient `chat_id`.
+    pub chat_id: i64,
+    /// The call.
+    pub send: OutboxSend,
+    /// How many attempts failed so far.
+    pub attempts: u32,
+    /// When the row was queued.
+    pub created_at: SystemTime,
+    /// When the first transient failure of this send happened, if any.
+    pub first_failed_at: Option<SystemTime>,
+    /// When the message arrived in the mailbox (or was queued).
+    pub received_at: SystemTime,
+}
+
+/// How a finished send ended, for [`State::finish_send`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendResult {
+    /// Telegram accepted it.
+    Done,
+    /// It will not be retried; the reason is logged and stored.
+    Failed(String),
+}
+
+impl State {
+    /// Stores a message, its files, its outbox rows and the checkpoint in one transaction.
+    ///
+    /// # Errors
+    /// A database error; then nothing was written.
+    pub async fn acknowledge(&self, ack: Acknowledgement) -> anyhow::Result<AckResult> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let now = millis(SystemTime::now());
+            let duplicate = match ack.uid {
+                Some((uid_validity, uid)) => tx
+                    .query_row(
+                        // The content hash too: after a server restore reuses UIDs under the
+                        // same UIDVALIDITY, a new message at an old UID is not a duplicate.
+                        "SELECT 1 FROM messages WHERE mailbox = ?1 AND uid_validity = ?2 AND uid = ?3
+                           AND raw_sha256 = ?4",
+                        params![ack.mailbox, uid_validity, uid, ack.raw_sha256],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some(),
+                None => tx
+                    .query_row(
+                        "SELECT 1 FROM replays WHERE mailbox = ?1 AND raw_sha256 = ?2",
+                        params![ack.mailbox, ack.raw_sha256],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some(),
+            };
+            let result = if duplicate {
+                AckResult::Duplicate
+            } else {
+                tx.execute(
+                    "INSERT INTO messages (mailbox, uid_validity, uid, raw_sha256, title, outcome,
+                                           detail, received_at, acknowledged_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        ack.mailbox,
+                        ack.uid.map(|u| u.0),
+                        ack.uid.map(|u| u.1),
+                        ack.raw_sha256,
+                        ack.title,
+                        ack.outcome.as_str(),
+                        ack.detail,
+                        ack.received_at.map_or(now, millis),
+                        now,
+                    ],
+                )?;
+                let message_id = tx.last_insert_rowid();
+                if ack.uid.is_none() {
+                    tx.execute(
+                        "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES (?1, ?2, ?3)",
+                        params![ack.mailbox, ack.raw_sha256, message_id],
+                    )?;
+                }
+                for file in &ack.files {
+                    tx.execute(
+                        "INSERT INTO files (sha256, bytes, last_used_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (sha256) DO UPDATE SET last_used_at = ?3",
+                        params![file.sha256, file.bytes.as_ref(), now],
+                    )?;
+                }
+                for (chat_id, send) in &ack.sends {
+                    tx.execute(
+                        "INSERT INTO outbox (message_id, chat_id, send, created_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![message_id, chat_id, serde_json::to_string(send)?, now],
+                    )?;
+                }
+                AckResult::Stored(message_id)
+            };
+            if let Some(checkpoint) = ack.checkpoint {
+                write_checkpoint(&tx, &ack.mailbox, checkpoint)?;
+            }
+            tx.commit()?;
+            Ok(result)
+        })
+        .await
+    }
+
+    /// The first pending send of each chat that is due at `now`, oldest first, skipping the
+    /// chats in `busy`; at most `limit` rows.
+    ///
+    /// # Errors
+    /// A database error, or a row whose JSON cannot be read.
+    pub async fn due_sends(
+        &self,
+        now: SystemTime,
+        busy: Vec<i64>,
+        in_flight: Vec<i64>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<OutboxRow>> {
+        self.with(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
+                        o.created_at, m.received_at, o.first_failed_at
+                 FROM outbox o JOIN messages m ON m.id = o.message_id
+                 WHERE o.status = 'pending'
+                   AND o.id = (SELECT MIN(i.id) FROM outbox i
+                               WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
+                 ORDER BY o.id",
+            )?;
+            let now = millis(now);
+            let mut rows = statement.query([])?;
+            let mut due = Vec::new();
+            while let Some(row) = rows.next()? {
+                let chat_id: i64 = row.get(2)?;
+                let not_before: i64 = row.get(5)?;
+                let id: i64 = row.get(0)?;
+                // A row in flight blocks its chat even after a migration moved it to a new id.
+                if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
+                    continue;
+                }
+                let send: String = row.get(3)?;
+                due.push(OutboxRow {
+                    id: row.get(0)?,
+                    message_id: row.get(1)?,
+                    chat_id,
+                    send: serde_json::from_str(&send)
+                        .with_context(|| format!("Outbox row has unreadable JSON: {send}"))?,
+                    attempts: row.get(4)?,
+                    created_at: from_millis(row.get(6)?),
+                    first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
+                    received_at: from_millis(row.get(7)?),
+                });
+                if due.len() >= limit {
+                    break;
+                }
+            }
+            Ok(due)
+        })
+        .await
+    }
+
+    /// When the next pending send that is not due yet becomes due, if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn next_due_at(&self) -> anyhow::Result<Option<SystemTime>> {
+        let now = millis(SystemTime::now());
+        self.with(move |conn| {
+            let next: Option<i64> = conn.query_row(
+                "SELECT MIN(not_before) FROM outbox WHERE status = 'pending' AND not_before > ?1",
+                [now],
+                |row| row.get(0),
+            )?;
+            Ok(next.map(from_millis))
+        })
+        .await
+    }
+
+    /// Marks a send finished: done, or failed for good.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn finish_send(&self, id: i64, result: SendResult) -> anyhow::Result<()> {
+        self.with(move |conn| {
+            let now = millis(SystemTime::now());
+            match result {
+                SendResult::Done => conn.execute(
+                    "UPDATE outbox SET status = 'done', finished_at = ?2, error = NULL WHERE id = ?1",
+                    params![id, now],
+                )?,
+                SendResult::Failed(error) => conn.execute(
+                    "UPDATE outbox SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+                    params![id, now, error],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// Fails every other pending send of the same message to the same chat (the recipient
+    /// refused the first one permanently). Returns how many were failed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn fail_rest_of_message(
+        &self,
+        message_id: i64,
+        chat_id: i64,
+        error: String,
+    ) -> anyhow::Result<usize> {
+        self.with(move |conn| {
+            let now = millis(SystemTime::now());
+            Ok(conn.execute(
+                "UPDATE outbox SET status = 'failed', finished_at = ?3, error = ?4
+                 WHERE message_id = ?1 AND chat_id = ?2 AND status = 'pending'",
+                params![message_id, chat_id, now, error],
+            )?)
+        })
+        .await
+    }
+
+    /// Puts a send back with a delay after a transient failure.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn retry_send(
+        &self,
+        id: i64,
+        not_before: SystemTime,
+        count_attempt: bool,
+        error: String,
+    ) -> anyhow::Result<()> {
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE outbox SET not_before = ?2, attempts = attempts + ?3, error = ?4,
+                        first_failed_at = CASE WHEN ?3 = 1 THEN COALESCE(first_failed_at, ?5)
+                                               ELSE first_failed_at END
+                 WHERE id = ?1",
+                params![
+                    id,
+                    millis(not_before),
+                    i64::from(count_attempt),
+                    error,
+                    millis(SystemTime::now())
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves every pending send of `old` to `new` (a group upgraded to a supergroup).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn migrate_chat(&self, old: i64, new: i64) -> anyhow::Result<usize> {
+        self.with(move |conn| {
+            Ok(conn.execute(
+                "UPDATE outbox SET chat_id = ?2 WHERE chat_id = ?1 AND status = 'pending'",
+                params![old, new],
+            )?)
+        })
+        .await
+    }
+
+    /// Sends waiting in the outbox.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn pending_count(&self) -> anyhow::Result<i64> {
+        self.with(|conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE status = 'pending'",
+                [],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Deletes what is no longer needed: finished outbox rows finished before `cutoff`, messages
+    /// acknowledged before it that have no outbox row left, and file bytes last queued before it
+    /// that no pending send needs. Checkpoints, `file_id`s, the snapshot and chat statuses stay.
+    /// Returns the number of rows deleted.
+    ///
+    /// # Errors
+    /// A database error; then nothing was deleted.
+    pub async fn prune(&self, cutoff: SystemTime) -> anyhow::Result<usize> {
+        self.with(move |conn| {
+            let cutoff = millis(cutoff);
+            let tx = conn.transaction()?;
+            let mut deleted = tx.execute(
+                "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM replays WHERE message_id IN (
+                     SELECT id FROM messages WHERE acknowledged_at < ?1
+                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id))",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM messages WHERE acknowledged_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id)",
+                [cutoff],
+            )?;
+            deleted += tx.execute(
+                "DELETE FROM files WHERE last_used_at < ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox o
+                                   WHERE o.status = 'pending' AND instr(o.send, files.sha256) > 0)",
+                [cutoff],
+            )?;
+            tx.commit()?;
+            Ok(deleted)
+        })
+        .await
+    }
+
+    /// Sends that were marked failed at or after `since`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn failed_sends_since(&self, since: SystemTime) -> anyhow::Result<i64> {
+        self.with(move |conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE status = 'failed' AND finished_at >= ?1",
+                [millis(since)],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+}

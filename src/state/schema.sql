@@ -1,0 +1,59 @@
+CREATE TABLE IF NOT EXISTS checkpoints (
+    mailbox      TEXT PRIMARY KEY,
+    uid_validity INTEGER NOT NULL,
+    last_uid     INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id              INTEGER PRIMARY KEY,
+    mailbox         TEXT NOT NULL,
+    uid_validity    INTEGER,
+    uid             INTEGER,
+    raw_sha256      TEXT NOT NULL,
+    title           TEXT NOT NULL,
+    outcome         TEXT NOT NULL,
+    detail          TEXT,
+    received_at     INTEGER NOT NULL,
+    acknowledged_at INTEGER NOT NULL,
+    UNIQUE (mailbox, uid_validity, uid, raw_sha256)
+);
+CREATE TABLE IF NOT EXISTS replays (
+    mailbox    TEXT NOT NULL,
+    raw_sha256 TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, raw_sha256)
+);
+CREATE TABLE IF NOT EXISTS files (
+    sha256       TEXT PRIMARY KEY,
+    bytes        BLOB NOT NULL,
+    last_used_at INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS file_ids (
+    sha256  TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    PRIMARY KEY (sha256, kind)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY,
+    message_id  INTEGER NOT NULL REFERENCES messages (id),
+    chat_id     INTEGER NOT NULL,
+    send        TEXT NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'pending',
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    first_failed_at INTEGER,
+    not_before  INTEGER NOT NULL DEFAULT 0,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (status, chat_id, id);
+CREATE TABLE IF NOT EXISTS kv (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chat_status (
+    chat_id    INTEGER PRIMARY KEY,
+    status     TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);

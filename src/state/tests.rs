@@ -1,0 +1,275 @@
+use super::*;
+use crate::report::render::{ItemKind, Method};
+
+fn send(text: &str) -> OutboxSend {
+    OutboxSend {
+        method: Method::SendMessage,
+        items: Vec::new(),
+        text: Some(text.into()),
+    }
+}
+
+/// A state in a fresh temp dir (kept alive by the returned guard).
+fn fresh_state() -> (tempfile::TempDir, State) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(&dir.path().join("state.db")).unwrap();
+    (dir, state)
+}
+
+fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
+    Acknowledgement {
+        mailbox: "reports@example.com".into(),
+        uid: Some((7, uid)),
+        raw_sha256: format!("sha-{uid}"),
+        title: "T".into(),
+        outcome: MessageOutcome::Queued,
+        detail: None,
+        received_at: None,
+        files: vec![StoredFile {
+            sha256: "f1".into(),
+            bytes: bytes::Bytes::from_static(b"png"),
+        }],
+        sends,
+        checkpoint: Some(Checkpoint {
+            uid_validity: 7,
+            last_uid: uid,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
+    let (_dir, state) = fresh_state();
+    let result = state
+        .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
+        .await
+        .unwrap();
+    assert!(matches!(result, AckResult::Stored(_)));
+    assert_eq!(
+        state.checkpoint("reports@example.com").await.unwrap(),
+        Some(Checkpoint {
+            uid_validity: 7,
+            last_uid: 5
+        })
+    );
+    assert_eq!(state.pending_count().await.unwrap(), 3);
+    // Heads of each chat, in order; a busy chat is skipped.
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap();
+    let heads: Vec<_> = due
+        .iter()
+        .map(|r| (r.chat_id, r.send.text.clone()))
+        .collect();
+    assert_eq!(heads, [(1, Some("a".into())), (2, Some("c".into()))]);
+    let due = state
+        .due_sends(SystemTime::now(), vec![1], vec![], 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+    // Finishing the head exposes the next one of that chat.
+    let first = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap()[0]
+        .id;
+    state.finish_send(first, SendResult::Done).await.unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap();
+    assert_eq!(due[0].send.text.as_deref(), Some("b"));
+    // The same UID again queues nothing.
+    let again = state
+        .acknowledge(ack(5, vec![(1, send("a"))]))
+        .await
+        .unwrap();
+    assert_eq!(again, AckResult::Duplicate);
+    assert_eq!(state.pending_count().await.unwrap(), 2);
+    assert_eq!(state.file_bytes("f1").await.unwrap().as_ref(), b"png");
+}
+
+#[tokio::test]
+async fn retries_wait_and_migrations_move_pending_rows() {
+    let (_dir, state) = fresh_state();
+    state
+        .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
+        .await
+        .unwrap();
+    let row = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap()[0]
+        .clone();
+    let later = SystemTime::now() + Duration::from_secs(60);
+    state
+        .retry_send(row.id, later, true, "429".into())
+        .await
+        .unwrap();
+    assert!(
+        state
+            .due_sends(SystemTime::now(), vec![], vec![], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The next wake-up is when the delayed send is due, not "now".
+    let next = state.next_due_at().await.unwrap().unwrap();
+    assert!(next > SystemTime::now() && next <= later);
+    let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
+    assert_eq!(due[0].attempts, 1);
+    assert_eq!(state.migrate_chat(-100, -1001987654321).await.unwrap(), 2);
+    let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
+    assert_eq!(due[0].chat_id, -1001987654321);
+    let failed = state
+        .fail_rest_of_message(due[0].message_id, -1001987654321, "kicked".into())
+        .await
+        .unwrap();
+    assert_eq!(failed, 2);
+    assert_eq!(state.pending_count().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn file_ids_snapshot_and_chat_status_persist_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/state.db");
+    {
+        let state = State::open(&path).unwrap();
+        state
+            .store_file_id("abc", ItemKind::Photo, "AgAC1")
+            .await
+            .unwrap();
+        state.save_snapshot("{\"v\":1}".into()).await.unwrap();
+        state
+            .set_chat_status(111222333, Some("blocked".into()))
+            .await
+            .unwrap();
+    }
+    let state = State::open(&path).unwrap();
+    assert_eq!(
+        state
+            .file_id("abc", ItemKind::Photo)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("AgAC1")
+    );
+    assert_eq!(
+        state.file_id("abc", ItemKind::Document).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        state.load_snapshot().await.unwrap().as_deref(),
+        Some("{\"v\":1}")
+    );
+    assert_eq!(
+        state.chat_statuses().await.unwrap(),
+        [(111222333, "blocked".to_owned())]
+    );
+    state.set_chat_status(111222333, None).await.unwrap();
+    assert!(state.chat_statuses().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn prune_keeps_pending_work_and_drops_old_finished_work() {
+    let (_dir, state) = fresh_state();
+    let mut with_file = ack(1, vec![(1, send("done")), (2, send("pending"))]);
+    with_file.sends[1].1.items.push(OutboxItem {
+        kind: ItemKind::Photo,
+        sha256: "f1".into(),
+        file_name: "a.png".into(),
+        caption: None,
+    });
+    state.acknowledge(with_file).await.unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap();
+    let done = due.iter().find(|r| r.chat_id == 1).unwrap().id;
+    state.finish_send(done, SendResult::Done).await.unwrap();
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    // The pending send keeps its message and its file.
+    assert_eq!(state.prune(later).await.unwrap(), 1);
+    assert_eq!(state.pending_count().await.unwrap(), 1);
+    assert!(state.file_bytes("f1").await.is_ok());
+    let pending = state.due_sends(later, vec![], vec![], 10).await.unwrap()[0].id;
+    state.finish_send(pending, SendResult::Done).await.unwrap();
+    assert_eq!(state.prune(later).await.unwrap(), 3);
+    assert!(state.file_bytes("f1").await.is_err());
+    assert!(
+        state
+            .checkpoint("reports@example.com")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let first = State::open(&path).unwrap();
+    let error = State::open(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("in use by another report-relay process"),
+        "{error}"
+    );
+    drop(first);
+    State::open(&path).unwrap();
+}
+
+#[tokio::test]
+async fn a_reused_uid_with_new_content_is_not_a_duplicate() {
+    let (_dir, state) = fresh_state();
+    state
+        .acknowledge(ack(5, vec![(1, send("a"))]))
+        .await
+        .unwrap();
+    let mut restored = ack(5, vec![(1, send("b"))]);
+    restored.raw_sha256 = "other content".into();
+    assert!(matches!(
+        state.acknowledge(restored).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    assert_eq!(state.pending_count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
+    let (_dir, state) = fresh_state();
+    state
+        .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
+        .await
+        .unwrap();
+    let first = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .await
+        .unwrap()[0]
+        .id;
+    state.migrate_chat(-100, -1001).await.unwrap();
+    // The first row is still in flight under the old chat id: nothing is due for the new one.
+    let due = state
+        .due_sends(SystemTime::now(), vec![-100], vec![first], 10)
+        .await
+        .unwrap();
+    assert!(due.is_empty(), "{due:?}");
+}
+
+#[tokio::test]
+async fn replays_are_keyed_by_content_hash() {
+    let (_dir, state) = fresh_state();
+    let mut replay = ack(0, vec![(1, send("a"))]);
+    replay.uid = None;
+    replay.checkpoint = None;
+    assert!(matches!(
+        state.acknowledge(replay.clone()).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    assert_eq!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Duplicate
+    );
+    assert_eq!(state.pending_count().await.unwrap(), 1);
+}
