@@ -60,9 +60,9 @@ pub use self::auth::{AuthError, Authenticator, PasswordLogin};
 pub use self::check::check_login;
 pub use self::connect::{ImapClient, ImapSession, Transport};
 
-use self::command::*;
-use self::select::*;
-use self::wire::*;
+use self::command::{Notes, SessionError, cancellable, command, drain, error_chain, logout};
+use self::select::uids_above;
+use self::wire::fetched_message;
 
 /// Where a mailbox stands: the UIDVALIDITY of the folder and the highest UID fully handled.
 ///

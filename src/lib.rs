@@ -22,6 +22,7 @@
 //! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`app`] (composition root), [`cli`] and
 //! [`replay`] (the command line).
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;

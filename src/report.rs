@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 mod files;
 mod html;
 
-use self::files::*;
-use self::html::*;
+use self::files::{Candidate, Classified, check_complete, classify, contains, png_dimensions};
+use self::html::HtmlSummary;
 
 /// Why bytes could not be read as a report. The watcher records such a message as failed and
 /// moves its checkpoint on; `replay` prints the message.
@@ -417,6 +417,7 @@ pub fn sanitize_file_name(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::files::PNG_SIGNATURE;
     use super::*;
 
     fn prefixes() -> Vec<String> {

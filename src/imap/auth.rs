@@ -5,7 +5,7 @@ use std::future::Future;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::connect::*;
+use super::connect::{ImapClient, ImapSession};
 
 /// Why authentication failed. The watcher logs [`AuthError::Rejected`] and
 /// [`AuthError::Refused`] as authentication failures and keeps retrying with backoff (the

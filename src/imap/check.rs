@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::command::*;
-use super::wire::*;
+use super::command::{Notes, command, logout};
+use super::wire::{encode_mailbox_name, quote};
 use super::{Checkpoint, FetchedMessage, MailboxSettings, MailboxWatcher, MessageSink};
 use crate::metrics::Metrics;
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::auth::AuthError;
-use super::connect::*;
+use super::connect::ImapSession;
 
 /// Why a session ended. Internal: the loop only logs it and backs off.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AuthError, Authenticator};
-use super::command::*;
+use super::command::{SessionError, bounded, imap_error, io_error};
 use super::{MailboxWatcher, MessageSink};
 use crate::config::TlsMode;
 

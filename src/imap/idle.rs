@@ -7,8 +7,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::auth::Authenticator;
-use super::command::*;
-use super::connect::*;
+use super::command::{
+    Notes, SessionError, bounded, drain, idle_init_error, imap_error, logout, take_bye,
+};
+use super::connect::ImapSession;
 use super::{MailboxWatcher, MessageSink, WatcherState};
 
 impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {

@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::auth::Authenticator;
-use super::command::*;
-use super::connect::*;
-use super::wire::*;
+use super::command::{Notes, SessionError, cancellable, command};
+use super::connect::ImapSession;
+use super::wire::{encode_mailbox_name, quote};
 use super::{Checkpoint, MailboxWatcher, MessageSink};
 
 /// The server's view of the highest UID in the folder.

@@ -10,6 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use super::select::Plan;
+use super::select::ResetReason;
+use super::select::ServerLast;
+use super::select::plan_checkpoint;
+use super::wire::encode_mailbox_name;
+use super::wire::parse_internal_date;
+use super::wire::quote;
 use super::*;
 use std::io;
 use tokio::net::TcpStream;

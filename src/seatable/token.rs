@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use url::Url;
 
-use super::error::*;
+use super::error::SeaTableError;
 use super::{Idempotent, SeaTableClient, bearer};
 
 /// Base-Token lifetime assumed when its `exp` claim cannot be read (the server default is

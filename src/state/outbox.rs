@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::render::{ItemKind, Method};
 
-use super::files::*;
+use super::files::StoredFile;
 use super::{MessageOutcome, State, from_millis, millis, write_checkpoint};
 use crate::imap::Checkpoint;
 
