@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -153,7 +154,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
 
     // Load the directory: SeaTable, else the persisted snapshot, else keep retrying.
-    let mut delay = Duration::from_secs(1);
+    // The same backon policy as the other retry loops: 1 s doubling to 60 s, without an end.
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(60))
+        .with_factor(2.0)
+        .without_max_times()
+        .build();
     tokio::pin!(shutdown);
     loop {
         match directory.load().await {
@@ -174,6 +181,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 break;
             }
             Err(error) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(60));
                 error!(
                     error = format!("{error:#}"),
                     retry_in_secs = delay.as_secs(),
@@ -183,7 +191,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     () = &mut shutdown => { cancel.cancel(); let _ = http.await; return Ok(()); }
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(60));
             }
         }
     }

@@ -196,11 +196,7 @@ fn replay_command(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (prefixes, options) = match &args.config {
         Some(path) => {
             let config = Config::load(path)?;
-            let options = PlanOptions::new(
-                config.telegram.png_as,
-                config.telegram.max_upload_bytes,
-                &config.reports,
-            );
+            let options = PlanOptions::from(&config);
             (config.reports.subject_prefixes, options)
         }
         None => (

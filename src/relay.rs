@@ -50,11 +50,7 @@ impl RelaySettings {
     pub fn new(config: &crate::config::Config) -> Self {
         Self {
             subject_prefixes: config.reports.subject_prefixes.clone(),
-            plan: PlanOptions::new(
-                config.telegram.png_as,
-                config.telegram.max_upload_bytes,
-                &config.reports,
-            ),
+            plan: PlanOptions::from(config),
         }
     }
 }
@@ -64,8 +60,9 @@ impl RelaySettings {
 pub struct Incoming {
     /// The mailbox address it arrived in.
     pub mailbox: String,
-    /// `(UIDVALIDITY, UID)`, or `None` for `replay --mailbox` (keyed by content hash).
-    pub uid: Option<(u32, u32)>,
+    /// The message's UIDVALIDITY and UID (as a [`Checkpoint`]: once acknowledged, it is the
+    /// mailbox's checkpoint), or `None` for `replay --mailbox` (keyed by content hash).
+    pub uid: Option<Checkpoint>,
     /// The raw RFC 5322 bytes.
     pub raw: Vec<u8>,
     /// IMAP INTERNALDATE, if known.
@@ -145,10 +142,6 @@ impl Relay {
             fetch_error,
         } = incoming;
         let raw_sha256 = hex::encode(Sha256::digest(&raw));
-        let checkpoint = uid.map(|(uid_validity, last_uid)| Checkpoint {
-            uid_validity,
-            last_uid,
-        });
         let mut ack = Acknowledgement {
             mailbox: mailbox.clone(),
             uid,
@@ -159,9 +152,9 @@ impl Relay {
             received_at: internal_date,
             files: Vec::new(),
             sends: Vec::new(),
-            checkpoint,
+            checkpoint: uid,
         };
-        let uid_field = uid.map(|u| u.1);
+        let uid_field = uid.map(|u| u.last_uid);
         let mut mailbox_row_id = None;
         let parsed = match fetch_error {
             Some(error) => Err(format!("the server would not deliver it: {error}")),
@@ -270,9 +263,8 @@ impl Relay {
         if sends > 0 && result != AckResult::Duplicate {
             self.delivery_wake.notify_one();
         }
-        if let (Some(writer), Some(row_id), Some((_, uid))) = (&self.last_uid, mailbox_row_id, uid)
-        {
-            writer.set(&row_id, uid);
+        if let (Some(writer), Some(row_id), Some(uid)) = (&self.last_uid, mailbox_row_id, uid) {
+            writer.set(&row_id, uid.last_uid);
         }
         let duplicate = result == AckResult::Duplicate;
         Ok(Relayed {
@@ -300,7 +292,10 @@ impl crate::imap::MessageSink for Relay {
     ) -> anyhow::Result<()> {
         self.relay(Incoming {
             mailbox: mailbox.to_owned(),
-            uid: Some((message.uid_validity, message.uid)),
+            uid: Some(Checkpoint {
+                uid_validity: message.uid_validity,
+                last_uid: message.uid,
+            }),
             raw: message.raw,
             internal_date: message.internal_date,
             fetch_error: message.fetch_error,

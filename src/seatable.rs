@@ -151,6 +151,18 @@ struct SqlReply {
     results: Option<Vec<Row>>,
 }
 
+/// One gateway call, kept whole so the retry after a Base-Token refresh sends the same request.
+struct BaseRequest<'a> {
+    method: Method,
+    /// Path segments under the gateway prefix (`["rows"]`), each percent-encoded.
+    segments: &'a [&'a str],
+    query: &'a [(&'a str, String)],
+    body: Option<Value>,
+    idempotent: Idempotent,
+    /// `METHOD path/`, for errors and logs.
+    what: String,
+}
+
 /// Whether 5xx, network errors and timeouts may be retried.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Idempotent {
@@ -461,53 +473,42 @@ impl SeaTableClient {
         body: Option<Value>,
         idempotent: Idempotent,
     ) -> Result<T, SeaTableError> {
-        let what = format!("{method} {}/", segments.join("/"));
+        let request = BaseRequest {
+            what: format!("{method} {}/", segments.join("/")),
+            method,
+            segments,
+            query,
+            body,
+            idempotent,
+        };
         let token = self.base_token().await?;
-        let bytes = match self
-            .send_base(
-                &token,
-                &method,
-                segments,
-                query,
-                body.as_ref(),
-                idempotent,
-                &what,
-            )
-            .await
-        {
+        let bytes = match self.send_base(&token, &request).await {
             Err(SeaTableError::Unauthorized { status, .. }) => {
-                tracing::info!(%status, request = %what, "SeaTable refused the Base-Token; refreshing it once");
+                tracing::info!(%status, request = %request.what, "SeaTable refused the Base-Token; refreshing it once");
                 let fresh = self.refresh_rejected(&token).await?;
-                self.send_base(
-                    &fresh,
-                    &method,
-                    segments,
-                    query,
-                    body.as_ref(),
-                    idempotent,
-                    &what,
-                )
-                .await?
+                self.send_base(&fresh, &request).await?
             }
             other => other?,
         };
-        decode(&bytes, &what)
+        decode(&bytes, &request.what)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `request` against the gateway of `token`.
     async fn send_base(
         &self,
         token: &BaseToken,
-        method: &Method,
-        segments: &[&str],
-        query: &[(&str, String)],
-        body: Option<&Value>,
-        idempotent: Idempotent,
-        what: &str,
+        request: &BaseRequest<'_>,
     ) -> Result<bytes::Bytes, SeaTableError> {
-        let url = gateway_url(&token.gateway, segments, query)?;
-        self.send(method, &url, &token.auth, body, idempotent, what)
-            .await
+        let url = gateway_url(&token.gateway, request.segments, request.query)?;
+        self.send(
+            &request.method,
+            &url,
+            &token.auth,
+            request.body.as_ref(),
+            request.idempotent,
+            &request.what,
+        )
+        .await
     }
 
     /// One request with the retry policy: 429 always, 5xx/network/timeout when idempotent.

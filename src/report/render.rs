@@ -13,7 +13,7 @@
 //! - a mail with no file is one `sendMessage` of at most 4096 code units.
 
 use super::{Report, ReportKind};
-use crate::config::{PngAs, ReportsConfig};
+use crate::config::{Config, PngAs};
 
 /// Telegram's caption limit, in UTF-16 code units after entity parsing (sendPhoto, sendDocument,
 /// InputMedia*).
@@ -40,13 +40,13 @@ pub struct PlanOptions {
     pub forward_errors: bool,
 }
 
-impl PlanOptions {
-    /// The options from the loaded config sections.
-    pub fn new(png_as: PngAs, max_upload_bytes: u64, reports: &ReportsConfig) -> Self {
+impl From<&Config> for PlanOptions {
+    /// `telegram.png_as`, `telegram.max_upload_bytes` and `reports.forward_errors`.
+    fn from(config: &Config) -> Self {
         Self {
-            png_as,
-            max_upload_bytes,
-            forward_errors: reports.forward_errors,
+            png_as: config.telegram.png_as,
+            max_upload_bytes: config.telegram.max_upload_bytes,
+            forward_errors: config.reports.forward_errors,
         }
     }
 }

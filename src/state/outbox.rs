@@ -43,8 +43,9 @@ pub struct OutboxSend {
 pub struct Acknowledgement {
     /// The mailbox address.
     pub mailbox: String,
-    /// `(UIDVALIDITY, UID)` for a message from IMAP; `None` for `replay --mailbox`.
-    pub uid: Option<(u32, u32)>,
+    /// The message's UIDVALIDITY and UID for a message from IMAP; `None` for
+    /// `replay --mailbox`.
+    pub uid: Option<Checkpoint>,
     /// SHA-256 of the raw message, lowercase hex (the ledger key for replays).
     pub raw_sha256: String,
     /// The report title (or a short description for a failed message).
@@ -113,7 +114,10 @@ impl State {
             let tx = conn.transaction()?;
             let now = millis(SystemTime::now());
             let duplicate = match ack.uid {
-                Some((uid_validity, uid)) => tx
+                Some(Checkpoint {
+                    uid_validity,
+                    last_uid: uid,
+                }) => tx
                     .query_row(
                         // The content hash too: after a server restore reuses UIDs under the
                         // same UIDVALIDITY, a new message at an old UID is not a duplicate.
@@ -142,8 +146,8 @@ impl State {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     params![
                         ack.mailbox,
-                        ack.uid.map(|u| u.0),
-                        ack.uid.map(|u| u.1),
+                        ack.uid.map(|u| u.uid_validity),
+                        ack.uid.map(|u| u.last_uid),
                         ack.raw_sha256,
                         ack.title,
                         ack.outcome.as_str(),

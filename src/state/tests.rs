@@ -19,7 +19,10 @@ fn fresh_state() -> (tempfile::TempDir, State) {
 fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
     Acknowledgement {
         mailbox: "reports@example.com".into(),
-        uid: Some((7, uid)),
+        uid: Some(Checkpoint {
+            uid_validity: 7,
+            last_uid: uid,
+        }),
         raw_sha256: format!("sha-{uid}"),
         title: "T".into(),
         outcome: MessageOutcome::Queued,
