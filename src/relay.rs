@@ -15,8 +15,7 @@ use crate::metrics::Metrics;
 use crate::report::Report;
 use crate::report::render::{self, PlanOptions};
 use crate::state::{
-    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxItem, OutboxSend, State,
-    StoredFile,
+    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxSend, State, StoredFile,
 };
 
 /// Turns fetched messages into outbox rows.
@@ -206,23 +205,7 @@ impl Relay {
                     let sends: Vec<OutboxSend> = plan
                         .sends
                         .iter()
-                        .map(|send| OutboxSend {
-                            method: send.method,
-                            text: send.text.clone(),
-                            items: send
-                                .items
-                                .iter()
-                                .map(|item| {
-                                    let file = &report.files[item.file];
-                                    OutboxItem {
-                                        kind: item.kind,
-                                        sha256: file.sha256.clone(),
-                                        file_name: file.name.clone(),
-                                        caption: item.caption.clone(),
-                                    }
-                                })
-                                .collect(),
-                        })
+                        .map(|send| OutboxSend::planned(send, &report))
                         .collect();
                     for recipient in &recipients {
                         for send in &sends {

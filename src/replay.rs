@@ -81,18 +81,14 @@ impl PlannedReport {
                 method: send.method,
                 text: send.text.clone(),
                 items: send
-                    .items
-                    .iter()
-                    .map(|item| {
-                        let f = &report.files[item.file];
-                        PlannedItem {
-                            kind: item.kind,
-                            file_name: f.name.clone(),
-                            bytes: f.bytes.len(),
-                            sha256: f.sha256.clone(),
-                            width: f.dimensions.map(|d| d.0),
-                            height: f.dimensions.map(|d| d.1),
-                        }
+                    .items_with_files(report)
+                    .map(|(item, f)| PlannedItem {
+                        kind: item.kind,
+                        file_name: f.name.clone(),
+                        bytes: f.bytes.len(),
+                        sha256: f.sha256.clone(),
+                        width: f.dimensions.map(|d| d.0),
+                        height: f.dimensions.map(|d| d.1),
                     })
                     .collect(),
             })

@@ -12,7 +12,7 @@
 //!   code units after entity parsing and sits on the first item of every send;
 //! - a mail with no file is one `sendMessage` of at most 4096 code units.
 
-use super::{Report, ReportKind};
+use super::{Report, ReportFile, ReportKind};
 use crate::config::{Config, PngAs};
 
 /// Telegram's caption limit, in UTF-16 code units after entity parsing (sendPhoto, sendDocument,
@@ -120,6 +120,20 @@ pub struct Send {
     pub items: Vec<Item>,
     /// The HTML text of a `sendMessage`.
     pub text: Option<String>,
+}
+
+impl Send {
+    /// The items with their files looked up in `report` (`report.files[item.file]`): the one
+    /// place a plan's file indices are resolved, for the relay's outbox rows and for `replay`.
+    /// `report` must be the report this plan was made from.
+    pub fn items_with_files<'r>(
+        &'r self,
+        report: &'r Report,
+    ) -> impl Iterator<Item = (&'r Item, &'r ReportFile)> + 'r {
+        self.items
+            .iter()
+            .map(move |item| (item, &report.files[item.file]))
+    }
 }
 
 /// The plan for one report and one recipient.

@@ -8,7 +8,8 @@ use anyhow::Context;
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::report::render::{ItemKind, Method};
+use crate::report::Report;
+use crate::report::render::{ItemKind, Method, Send};
 
 use super::files::StoredFile;
 use super::{MessageOutcome, State, from_millis, millis, write_checkpoint};
@@ -36,6 +37,25 @@ pub struct OutboxSend {
     pub items: Vec<OutboxItem>,
     /// The HTML text of a `sendMessage`.
     pub text: Option<String>,
+}
+
+impl OutboxSend {
+    /// The outbox row of one planned call of `report`.
+    pub fn planned(send: &Send, report: &Report) -> Self {
+        Self {
+            method: send.method,
+            text: send.text.clone(),
+            items: send
+                .items_with_files(report)
+                .map(|(item, file)| OutboxItem {
+                    kind: item.kind,
+                    sha256: file.sha256.clone(),
+                    file_name: file.name.clone(),
+                    caption: item.caption.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Everything [`State::acknowledge`] writes in one transaction.
