@@ -111,6 +111,14 @@ pub struct DovecotOptions {
     /// `mail_max_userip_connections` (Dovecot default: 10). The harness's
     /// own [`Dovecot::append`] briefly uses one connection too.
     pub max_userip_connections: Option<u32>,
+    /// Configure the server for this many concurrent IMAP clients: long-lived
+    /// `imap-login` processes (`service_count = 0`) with room for all of them,
+    /// `service imap { service_count = 0; client_limit = 100 }` (a process per
+    /// 100 sessions instead of one each, which keeps IDLE's inotify instances
+    /// under the kernel's default of 128 per user) and `default_client_limit` raised for
+    /// auth, anvil and the other internal services. `None` keeps Dovecot's
+    /// defaults (100 login processes of one connection each).
+    pub scale_clients: Option<u32>,
     /// Extra lines appended verbatim at the end of `dovecot.conf`. A later
     /// setting overrides an earlier one, and a repeated section (e.g.
     /// `service imap-login { inet_listener imaps { ... } }`) is merged into
@@ -813,6 +821,27 @@ service imap-login {{
                 let _ = writeln!(c, "  mail_max_userip_connections = {n}");
             }
             c.push_str("}\n");
+        }
+        if let Some(clients) = self.options.scale_clients {
+            let _ = writeln!(
+                c,
+                "default_client_limit = {internal}
+service imap-login {{
+  service_count = 0
+  client_limit = {logins}
+  process_min_avail = 2
+}}
+service imap {{
+  service_count = 0
+  client_limit = 100
+  process_limit = {imap_processes}
+}}",
+                // Every login and imap process is a client of auth, anvil, log and
+                // config, on top of the sessions themselves.
+                internal = 2 * clients + 1000,
+                logins = clients + 100,
+                imap_processes = clients / 100 + 10,
+            );
         }
         c.push_str(&self.options.extra_config);
         c.push('\n');
