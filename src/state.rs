@@ -6,10 +6,12 @@
 //! on the message cannot be lost: the delivery worker drains the outbox and marks each row done
 //! the moment Telegram accepts it, so after a crash only a send in flight can repeat.
 //!
-//! The database runs in WAL mode with `synchronous = FULL`. Calls run on the blocking pool.
+//! The database runs in WAL mode with `synchronous = FULL`. Calls take turns on one connection:
+//! each waits for it asynchronously, then runs on the blocking pool, so SQLite occupies at most
+//! one blocking thread however many watchers read their checkpoints at once.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -30,7 +32,8 @@ const SCHEMA: &str = include_str!("state/schema.sql");
 /// A handle on the state database; cheap to clone.
 #[derive(Clone)]
 pub struct State {
-    conn: Arc<Mutex<Connection>>,
+    /// An async mutex: a caller waiting for its turn holds no thread.
+    conn: Arc<tokio::sync::Mutex<Connection>>,
     /// An exclusive lock on `<state.path>.lock`, held while any clone lives: two relay
     /// processes draining one outbox would send everything twice.
     _lock: Arc<std::fs::File>,
@@ -125,26 +128,24 @@ impl State {
         conn.execute_batch(SCHEMA)
             .context("Failed to create the state schema")?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
             _lock: Arc::new(lock),
         })
     }
 
-    /// Runs `f` on the connection on the blocking pool.
+    /// Runs `f` on the connection on the blocking pool, once it is this caller's turn (first
+    /// come, first served). The turn is taken before the blocking pool is involved, so a queue
+    /// of callers costs no threads; the guard moves into the blocking task and is released when
+    /// `f` returns, even if this future was dropped meanwhile.
     async fn with<T, F>(&self, f: F) -> anyhow::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| anyhow::anyhow!("The state database lock is poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .context("The state database task failed")?
+        let mut guard = self.conn.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut guard))
+            .await
+            .context("The state database task failed")?
     }
 
     /// The stored checkpoint of `mailbox`.
