@@ -167,8 +167,22 @@ impl Cli {
     }
 }
 
+/// Most worker threads of the runtime: one per available core, up to this many. The relay waits
+/// on the network far more than it computes; more workers would only add threads.
+pub const MAX_WORKER_THREADS: usize = 8;
+/// Most threads of tokio's blocking pool (tokio's default is 512). It runs the SQLite calls
+/// (one at a time: callers queue asynchronously in [`crate::state`]) and host-name lookups
+/// (one per IMAP host at a time, shared by its watchers, in `imap/resolve.rs`; the HTTP
+/// clients' own, a few). Idle blocking threads exit after 10 s.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
+/// The multi-threaded runtime every command runs on: at most 1 + [`MAX_WORKER_THREADS`] +
+/// [`MAX_BLOCKING_THREADS`] threads whatever the number of mailboxes.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.clamp(1, MAX_WORKER_THREADS))
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("Failed to start the async runtime")
