@@ -53,6 +53,7 @@ mod check;
 mod command;
 mod connect;
 mod idle;
+mod resolve;
 mod select;
 mod wire;
 
@@ -61,6 +62,7 @@ pub use self::check::check_login;
 pub use self::connect::{ImapClient, ImapSession, Transport};
 
 use self::command::{Notes, SessionError, cancellable, command, drain, error_chain, logout};
+use self::connect::{TlsConfig, client_config, webpki_client_config};
 use self::select::uids_above;
 use self::wire::fetched_message;
 
@@ -260,7 +262,8 @@ pub struct MailboxWatcher<S: MessageSink, A: Authenticator = PasswordLogin> {
     sink: Arc<S>,
     metrics: Arc<Metrics>,
     auth: A,
-    roots: Arc<RootCertStore>,
+    /// Shared with every other watcher trusting the same roots.
+    tls: TlsConfig,
     status: watch::Sender<WatcherStatus>,
     /// Failed fetch attempts per UID, across reconnects.
     fetch_failures: std::sync::Mutex<std::collections::HashMap<u32, u32>>,
@@ -268,7 +271,8 @@ pub struct MailboxWatcher<S: MessageSink, A: Authenticator = PasswordLogin> {
 
 impl<S: MessageSink> MailboxWatcher<S> {
     /// A watcher that logs in with `settings.login` / `settings.password` and trusts the
-    /// webpki (Mozilla) roots. The receiver sees every [`WatcherStatus`] change.
+    /// webpki (Mozilla) roots, through the one TLS client config of the process. The receiver
+    /// sees every [`WatcherStatus`] change.
     pub fn new(
         settings: MailboxSettings,
         sink: Arc<S>,
@@ -279,15 +283,12 @@ impl<S: MessageSink> MailboxWatcher<S> {
             state: WatcherState::Connecting,
             last_catch_up: None,
         });
-        let roots = RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
         let watcher = Self {
             settings,
             sink,
             metrics,
             auth,
-            roots: Arc::new(roots),
+            tls: webpki_client_config(),
             status,
             fetch_failures: Default::default(),
         };
@@ -303,7 +304,7 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             sink: self.sink,
             metrics: self.metrics,
             auth,
-            roots: self.roots,
+            tls: self.tls,
             status: self.status,
             fetch_failures: self.fetch_failures,
         }
@@ -327,10 +328,10 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             .remove(&uid);
     }
 
-    /// The same watcher trusting `roots` instead of the webpki roots: for servers with a private
-    /// CA, and for tests.
+    /// The same watcher trusting `roots` instead of the webpki roots, through a TLS client config
+    /// of its own: for servers with a private CA, and for tests.
     pub fn with_tls_roots(mut self, roots: RootCertStore) -> Self {
-        self.roots = Arc::new(roots);
+        self.tls = client_config(roots);
         self
     }
 

@@ -10,7 +10,7 @@ use super::{Checkpoint, FetchedMessage, MailboxSettings, MailboxWatcher, Message
 use crate::metrics::Metrics;
 
 /// A sink for [`check_login`], which never fetches.
-struct NoSink;
+pub(super) struct NoSink;
 
 impl MessageSink for NoSink {
     async fn checkpoint(&self, _mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
