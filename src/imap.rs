@@ -338,9 +338,12 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
     /// Runs until `cancel` fires; reconnects forever; returns only when cancelled, after
     /// logging out (when idle or polling) or dropping the connection (mid-command). On return
     /// every `watcher_state` gauge of this mailbox is 0.
-    pub async fn run(self, cancel: CancellationToken) {
+    ///
+    /// Not an `async fn`: the returned future is the loop itself, without a wrapper holding a
+    /// second copy of the watcher (each idle mailbox's task is this future).
+    pub fn run(self, cancel: CancellationToken) -> impl Future<Output = ()> + Send {
         let span = tracing::info_span!("imap", mailbox = %self.settings.address);
-        self.supervise(cancel).instrument(span).await;
+        self.supervise(cancel).instrument(span)
     }
 
     async fn supervise(self, cancel: CancellationToken) {
@@ -426,20 +429,24 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
     }
 
     /// One connection from connect to failure (or cancellation). Returns only errors.
+    ///
+    /// This future is what every watcher task holds while it idles, so it is kept small: the
+    /// steps that are large and short-lived (connecting, SELECT, catching up with the sink's
+    /// transaction, polling) run boxed, allocated only while they run.
     async fn session(
         &self,
         cancel: &CancellationToken,
         healthy: &mut bool,
     ) -> Result<Infallible, SessionError> {
         let timeouts = self.settings.timeouts;
-        let mut session = self.open(cancel).await?;
+        let mut session = Box::pin(self.open(cancel)).await?;
         let mut notes = Notes::default();
         drain(&mut notes, &mut || {
             session.unsolicited_responses.try_recv().ok()
         });
 
         let mut idle_supported = false;
-        command(
+        Box::pin(command(
             &mut session,
             cancel,
             timeouts.command,
@@ -453,7 +460,7 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
                     );
                 }
             },
-        )
+        ))
         .await?;
         if !idle_supported {
             warn!(
@@ -462,12 +469,12 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             );
         }
 
-        let mut last_uid = self.select(&mut session, cancel, &mut notes).await?;
+        let mut last_uid = Box::pin(self.select(&mut session, cancel, &mut notes)).await?;
         let uid_validity = notes.uid_validity.unwrap_or_default();
         loop {
-            last_uid = self
-                .catch_up(&mut session, cancel, &mut notes, uid_validity, last_uid)
-                .await?;
+            last_uid =
+                Box::pin(self.catch_up(&mut session, cancel, &mut notes, uid_validity, last_uid))
+                    .await?;
             *healthy = true;
             self.status
                 .send_modify(|status| status.last_catch_up = Some(SystemTime::now()));
@@ -478,29 +485,40 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             if idle_supported {
                 session = self.idle_round(session, cancel, &mut notes).await?;
             } else {
-                self.set_state(WatcherState::Polling);
-                // At least 1 s: 0 would be a busy loop.
-                let poll = Duration::from_secs(self.settings.poll_secs.max(1));
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => {
-                        logout(&mut session, timeouts.logout, &mut notes).await;
-                        return Err(SessionError::Cancelled);
-                    }
-                    () = tokio::time::sleep(poll) => {}
-                }
-                command(
-                    &mut session,
-                    cancel,
-                    timeouts.command,
-                    "NOOP",
-                    "NOOP",
-                    &mut notes,
-                    |_| {},
-                )
-                .await?;
+                Box::pin(self.poll_round(&mut session, cancel, &mut notes)).await?;
             }
         }
+    }
+
+    /// For a server without IDLE: wait `poll_secs`, then `NOOP` so the server reports changes.
+    async fn poll_round(
+        &self,
+        session: &mut ImapSession,
+        cancel: &CancellationToken,
+        notes: &mut Notes,
+    ) -> Result<(), SessionError> {
+        let timeouts = self.settings.timeouts;
+        self.set_state(WatcherState::Polling);
+        // At least 1 s: 0 would be a busy loop.
+        let poll = Duration::from_secs(self.settings.poll_secs.max(1));
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                logout(session, timeouts.logout, notes).await;
+                return Err(SessionError::Cancelled);
+            }
+            () = tokio::time::sleep(poll) => {}
+        }
+        command(
+            session,
+            cancel,
+            timeouts.command,
+            "NOOP",
+            "NOOP",
+            notes,
+            |_| {},
+        )
+        .await
     }
 
     /// Fetches and acknowledges every message above `last_uid`, in UID order; returns the new

@@ -327,7 +327,7 @@ impl<S: MessageSink> Supervisor<S> {
         self.watchers.insert(&settings.address, status);
         let cancel = CancellationToken::new();
         let child = cancel.clone();
-        let task = tasks.spawn(async move { watcher.run(child).await }).id();
+        let task = tasks.spawn(watcher.run(child)).id();
         by_task.insert(task, key.clone());
         running.insert(
             key,

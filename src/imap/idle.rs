@@ -31,8 +31,10 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             return Ok(session);
         }
 
+        // The steps around the wait run boxed: this future is what an idle watcher holds (see
+        // `MailboxWatcher::session`), so only the wait itself stays inline.
         let mut handle = session.idle();
-        bounded(cancel, timeouts.command, "IDLE", handle.init())
+        Box::pin(bounded(cancel, timeouts.command, "IDLE", handle.init()))
             .await?
             .map_err(|error| idle_init_error(error, take_bye(&mut next_unsolicited)))?;
         self.set_state(WatcherState::Idle);
@@ -55,11 +57,11 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             };
             let Some(outcome) = outcome else {
                 // Cancelled while idling: end IDLE and log out, within the logout budget.
-                let _ = tokio::time::timeout(timeouts.logout, async {
+                let _ = Box::pin(tokio::time::timeout(timeouts.logout, async {
                     if let Ok(mut session) = handle.done().await {
                         logout(&mut session, timeouts.logout, notes).await;
                     }
-                })
+                }))
                 .await;
                 return Err(SessionError::Cancelled);
             };
@@ -89,7 +91,7 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             }
         }
 
-        let session = bounded(cancel, timeouts.done, "DONE", handle.done())
+        let session = Box::pin(bounded(cancel, timeouts.done, "DONE", handle.done()))
             .await?
             .map_err(|error| imap_error("DONE", error, take_bye(&mut next_unsolicited)))?;
         drain(notes, &mut next_unsolicited);
