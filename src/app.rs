@@ -21,7 +21,7 @@ use crate::directory::{
     SnapshotSource,
 };
 use crate::metrics::Metrics;
-use crate::relay::{Incoming, Relay, RelaySettings};
+use crate::relay::{Handles, Incoming, Relay, RelaySettings};
 use crate::schema::Schema;
 use crate::seatable::SeaTableClient;
 use crate::state::State;
@@ -72,11 +72,8 @@ pub async fn check_schema(client: &SeaTableClient, tables: &TableNames) -> anyho
 
 /// The pieces shared by `run` and `replay --mailbox`.
 struct Core {
-    state: State,
-    metrics: Arc<Metrics>,
-    directory: Arc<Directory>,
+    handles: Handles,
     backend: Arc<SeaTableBackend>,
-    statuses: Arc<ChatStatuses>,
     migrations: Arc<Migrations>,
 }
 
@@ -93,11 +90,13 @@ async fn core(config: &Config) -> anyhow::Result<Core> {
     let statuses = ChatStatuses::load(state.clone()).await?;
     let migrations = Migrations::new(directory.clone(), state.clone(), statuses.clone());
     Ok(Core {
-        state,
-        metrics,
-        directory,
+        handles: Handles {
+            state,
+            directory,
+            statuses,
+            metrics,
+        },
         backend,
-        statuses,
         migrations,
     })
 }
@@ -135,13 +134,16 @@ fn delivery_worker(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let Core {
-        state,
-        metrics,
-        directory,
+        handles,
         backend,
-        statuses,
         migrations,
     } = core(&config).await?;
+    let Handles {
+        state,
+        directory,
+        statuses,
+        metrics,
+    } = handles.clone();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
@@ -202,12 +204,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracker.spawn(last_uid.clone().run(cancel.clone()));
 
     let relay = Arc::new(Relay::new(
-        state.clone(),
-        directory.clone(),
-        statuses.clone(),
+        handles,
         RelaySettings::new(&config),
         wake,
-        metrics.clone(),
         Some(last_uid),
     ));
     let registrar = crate::bot::Registrar::new(
@@ -282,13 +281,16 @@ pub async fn replay_to_mailbox(
     mailbox: String,
 ) -> anyhow::Result<bool> {
     let Core {
-        state,
-        metrics,
-        directory,
-        statuses,
+        handles,
         migrations,
         ..
     } = core(&config).await?;
+    let Handles {
+        state,
+        directory,
+        metrics,
+        ..
+    } = handles.clone();
     directory
         .load()
         .await
@@ -298,15 +300,7 @@ pub async fn replay_to_mailbox(
         anyhow::bail!("no mailbox row has the address {mailbox}");
     }
     let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
-    let relay = Relay::new(
-        state.clone(),
-        directory.clone(),
-        statuses,
-        RelaySettings::new(&config),
-        wake,
-        metrics,
-        None,
-    );
+    let relay = Relay::new(handles, RelaySettings::new(&config), wake, None);
     let mut all_ok = true;
     let started = std::time::SystemTime::now();
     for path in &files {

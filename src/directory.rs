@@ -26,7 +26,7 @@ mod seatable;
 
 pub use self::chats::{ChatStatuses, Migrations};
 pub use self::last_uid::LastUidWriter;
-pub use self::model::{Group, Mailbox, Recipient, RowMap, Snapshot, User};
+pub use self::model::{Group, Mailbox, Recipient, Snapshot, User, column};
 pub use self::seatable::{SeaTableBackend, quote};
 
 /// Where the directory reads and writes: SeaTable in production, an in-memory table in tests.
@@ -234,14 +234,15 @@ pub enum SnapshotSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seatable::Row;
     use serde_json::{Value, json};
 
-    fn rows(value: Value) -> Vec<RowMap> {
+    fn rows(value: Value) -> Vec<Row> {
         value
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| v.as_object().unwrap().clone())
+            .map(|v| Row::from(v.as_object().unwrap().clone()))
             .collect()
     }
 
@@ -322,5 +323,44 @@ mod tests {
         let s = snapshot();
         let debug = format!("{s:?}");
         assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn cells_are_read_as_sysadmins_type_them() {
+        // Ids and ports typed into number columns, names with stray spaces, a blank cell, link
+        // cells in the gateway's object form and the legacy plain-id form, a row without _id.
+        let s = Snapshot::from_rows(
+            &rows(json!([
+                {"_id": "u1", "Name": "  Ann  ", "phone": " ", "id_telegram": 111222333,
+                 "mailboxes": [{"row_id": "m1", "display_value": "sales"}]},
+                {"_id": "u2", "Name": "Bob", "id_telegram": " 444 ", "mailboxes": ["m1"]},
+                {"Name": "no id", "id_telegram": "555"},
+            ])),
+            &rows(json!([
+                {"_id": "m1", "Name": "sales", "email": " sales@example.com ", "last_uid": 7,
+                 "imap_port": "993", "disabled": "yes"},
+            ])),
+            &rows(json!([
+                {"_id": "g1", "Name": "Team", "id_telegram_chat": -100123, "is_locked": "true",
+                 "mailboxes": "m1"},
+            ])),
+        );
+        let ann = &s.users[0];
+        assert_eq!(
+            (ann.name.as_str(), ann.phone.as_str(), ann.telegram_id),
+            ("Ann", "", Some(111222333))
+        );
+        assert_eq!(ann.mailbox_ids, ["m1"]);
+        assert_eq!(s.users[1].telegram_id, Some(444));
+        assert_eq!(s.users[1].mailbox_ids, ["m1"]);
+        assert_eq!(s.users.len(), 2, "a row without _id is dropped");
+        let m1 = &s.mailboxes[0];
+        assert_eq!(m1.email, "sales@example.com");
+        assert_eq!((m1.last_uid, m1.imap_port), (Some(7), Some(993)));
+        assert!(!m1.disabled, "only a JSON true ticks a checkbox");
+        let g1 = &s.groups[0];
+        assert_eq!(g1.chat_id, Some(-100123));
+        assert!(!g1.is_locked);
+        assert!(g1.mailbox_ids.is_empty(), "a text cell is not a link");
     }
 }

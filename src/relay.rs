@@ -18,14 +18,24 @@ use crate::state::{
     AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxSend, State, StoredFile,
 };
 
+/// The shared handles of one process that the relay, the bot and `replay` all work through.
+#[derive(Clone)]
+pub struct Handles {
+    /// The state: checkpoints, messages, the outbox.
+    pub state: State,
+    /// The SeaTable directory behind its cache.
+    pub directory: Arc<Directory>,
+    /// Chats known to be unreachable (blocked, kicked, migrated).
+    pub statuses: Arc<ChatStatuses>,
+    /// The counters behind `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
 /// Turns fetched messages into outbox rows.
 pub struct Relay {
-    state: State,
-    directory: Arc<Directory>,
-    statuses: Arc<ChatStatuses>,
+    handles: Handles,
     settings: RelaySettings,
     delivery_wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
     last_uid: Option<Arc<LastUidWriter>>,
 }
 
@@ -85,32 +95,26 @@ pub struct Relayed {
 }
 
 impl Relay {
-    /// A relay writing to `state`, resolving through `directory` (skipping the chats in
-    /// `statuses`), waking the delivery worker
-    /// through `delivery_wake`, and queueing `last_uid` write-backs on `last_uid`.
+    /// A relay writing to the handles' state, resolving through their directory (skipping the
+    /// chats in their statuses), waking the delivery worker through `delivery_wake`, and
+    /// queueing `last_uid` write-backs on `last_uid` (`None`: no write-back, as in `replay`).
     pub fn new(
-        state: State,
-        directory: Arc<Directory>,
-        statuses: Arc<ChatStatuses>,
+        handles: Handles,
         settings: RelaySettings,
         delivery_wake: Arc<Notify>,
-        metrics: Arc<Metrics>,
         last_uid: Option<Arc<LastUidWriter>>,
     ) -> Self {
         Self {
-            state,
-            directory,
-            statuses,
+            handles,
             settings,
             delivery_wake,
-            metrics,
             last_uid,
         }
     }
 
     /// The state this relay writes to.
     pub fn state(&self) -> &State {
-        &self.state
+        &self.handles.state
     }
 
     /// Stores the mailbox's checkpoint without a message (first start, new UIDVALIDITY).
@@ -122,7 +126,7 @@ impl Relay {
         mailbox: &str,
         checkpoint: Checkpoint,
     ) -> anyhow::Result<()> {
-        self.state.set_checkpoint(mailbox, checkpoint).await
+        self.handles.state.set_checkpoint(mailbox, checkpoint).await
     }
 
     /// Relays one message and acknowledges it. A message that cannot be parsed is stored as
@@ -169,6 +173,7 @@ impl Relay {
             Ok(report) => {
                 ack.title = report.title.clone();
                 let snapshot = self
+                    .handles
                     .directory
                     .snapshot()
                     .await
@@ -190,7 +195,7 @@ impl Relay {
                     ack.detail = Some(reason);
                 } else {
                     let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
-                    recipients.retain(|r| match self.statuses.status(r.chat_id) {
+                    recipients.retain(|r| match self.handles.statuses.status(r.chat_id) {
                         Some(status) => {
                             info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
                             false
@@ -235,8 +240,9 @@ impl Relay {
             chats.len()
         };
         let outcome = ack.outcome;
-        let result = self.state.acknowledge(ack).await?;
-        self.metrics
+        let result = self.handles.state.acknowledge(ack).await?;
+        self.handles
+            .metrics
             .reports_acknowledged
             .get_or_create(&vec![
                 ("mailbox", mailbox.clone()),
@@ -261,11 +267,11 @@ impl Relay {
 
 impl crate::imap::MessageSink for Relay {
     async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
-        self.state.checkpoint(mailbox).await
+        self.handles.state.checkpoint(mailbox).await
     }
 
     async fn reset_checkpoint(&self, mailbox: &str, checkpoint: Checkpoint) -> anyhow::Result<()> {
-        self.state.set_checkpoint(mailbox, checkpoint).await
+        self.handles.state.set_checkpoint(mailbox, checkpoint).await
     }
 
     async fn acknowledge(

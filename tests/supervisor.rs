@@ -36,7 +36,7 @@ impl DirectoryBackend for OneMailbox {
                              "imap_password": "secret", "disabled": disabled});
             Ok(Snapshot::from_rows(
                 &[],
-                &[row.as_object().unwrap().clone()],
+                &[row.as_object().unwrap().clone().into()],
                 &[],
             ))
         })

@@ -2,12 +2,12 @@
 //! owns (`last_uid`, `id_telegram`, a group's `id_telegram_chat` claim and migration).
 
 use futures::future::BoxFuture;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 
 use crate::config::TableNames;
 use crate::seatable::SeaTableClient;
 
-use super::{DirectoryBackend, Snapshot};
+use super::{DirectoryBackend, Snapshot, column};
 
 /// The directory backed by SeaTable.
 pub struct SeaTableBackend {
@@ -63,14 +63,7 @@ impl DirectoryBackend for SeaTableBackend {
                 self.client.list_rows(&self.tables.mailboxes),
                 self.client.list_rows(&self.tables.groups),
             )?;
-            let maps = |rows: Vec<crate::seatable::Row>| -> Vec<Map<String, Value>> {
-                rows.into_iter().map(|r| r.into_map()).collect()
-            };
-            Ok(Snapshot::from_rows(
-                &maps(users),
-                &maps(mailboxes),
-                &maps(groups),
-            ))
+            Ok(Snapshot::from_rows(&users, &mailboxes, &groups))
         })
     }
 
@@ -82,7 +75,7 @@ impl DirectoryBackend for SeaTableBackend {
         Box::pin(self.write_text(
             &self.tables.mailboxes,
             mailbox_row_id,
-            "last_uid",
+            column::LAST_UID,
             last_uid.to_string(),
         ))
     }
@@ -95,7 +88,7 @@ impl DirectoryBackend for SeaTableBackend {
         Box::pin(self.write_text(
             &self.tables.users,
             user_row_id,
-            "id_telegram",
+            column::ID_TELEGRAM,
             telegram_id.to_string(),
         ))
     }
@@ -106,23 +99,28 @@ impl DirectoryBackend for SeaTableBackend {
             // SeaTable has no compare-and-set and SQL UPDATE reports no affected count: claim
             // with a conditional UPDATE, then read the row back (seatable-api.md §6).
             let sql = format!(
-                "UPDATE {} SET `id_telegram_chat` = ?, `is_locked` = true \
-                 WHERE `_id` = ? AND `id_telegram_chat` IS NULL",
-                quote(&self.tables.groups)
+                "UPDATE {table} SET `{chat}` = ?, `{locked}` = true \
+                 WHERE `{row_id}` = ? AND `{chat}` IS NULL",
+                table = quote(&self.tables.groups),
+                chat = column::ID_TELEGRAM_CHAT,
+                locked = column::IS_LOCKED,
+                row_id = column::ROW_ID,
             );
             self.client
                 .sql(&sql, &[json!(chat_id.to_string()), json!(row_id)])
                 .await?;
             let row = self.client.get_row(&self.tables.groups, &row_id).await?;
-            Ok(row.text("id_telegram_chat").map(str::trim) == Some(chat_id.to_string().as_str()))
+            Ok(row.text(column::ID_TELEGRAM_CHAT).map(str::trim)
+                == Some(chat_id.to_string().as_str()))
         })
     }
 
     fn rewrite_group_chat_id(&self, old: i64, new: i64) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let sql = format!(
-                "UPDATE {} SET `id_telegram_chat` = ? WHERE `id_telegram_chat` = ?",
-                quote(&self.tables.groups)
+                "UPDATE {table} SET `{chat}` = ? WHERE `{chat}` = ?",
+                table = quote(&self.tables.groups),
+                chat = column::ID_TELEGRAM_CHAT,
             );
             self.client
                 .sql(&sql, &[json!(new.to_string()), json!(old.to_string())])
