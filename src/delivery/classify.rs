@@ -19,8 +19,11 @@ pub enum Failure {
     PhotoRefused(String),
     /// A stored `file_id` is no longer accepted: upload again.
     StaleFileId(String),
-    /// 5xx, network, timeout: retry with backoff.
+    /// 5xx, network, a connect timeout: retry with backoff.
     Transient(String),
+    /// The request was sent but its answer timed out: Telegram may have delivered it (there is
+    /// no idempotency key in the Bot API), so it is retried only a few times.
+    MaybeDelivered(String),
     /// Telegram answered `ok: true` but the answer could not be read: the message was
     /// delivered; do not send it again (its `file_id` is lost).
     AcceptedUnreadable(String),
@@ -36,6 +39,9 @@ pub fn classify(error: &RequestError) -> Failure {
             "Telegram refuses the bot token (401 Unauthorized): fix telegram.bot_token".into(),
         ),
         RequestError::Api(api) => classify_description(&api_description(api)),
+        RequestError::Network(error) if error.is_timeout() && !error.is_connect() => {
+            Failure::MaybeDelivered(format!("request timed out: {error}"))
+        }
         RequestError::Network(error) => Failure::Transient(format!("network error: {error}")),
         RequestError::Io(error) => Failure::Transient(format!("I/O error: {error}")),
         // Telegram accepted it, but teloxide cannot read the returned Message: sending again

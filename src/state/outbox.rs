@@ -4,7 +4,6 @@
 
 use std::time::SystemTime;
 
-use anyhow::Context;
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -209,53 +208,88 @@ impl State {
     }
 
     /// The first pending send of each chat that is due at `now`, oldest first, skipping the
-    /// chats in `busy`; at most `limit` rows.
+    /// chats in `busy` and the rows in `in_flight`, and keeping those `admit` takes: at most
+    /// `limit` rows. `admit` sees each candidate in order and may reserve something for it
+    /// (the pacer's cells); a row it refuses stays pending and blocks its chat's later rows.
+    ///
+    /// A row whose JSON cannot be read (written by a newer version, or damaged) is marked
+    /// failed with the parse error and logged, so it never blocks the rows after it.
     ///
     /// # Errors
-    /// A database error, or a row whose JSON cannot be read.
-    pub async fn due_sends(
+    /// A database error.
+    pub async fn due_sends<F>(
         &self,
         now: SystemTime,
         busy: Vec<i64>,
         in_flight: Vec<i64>,
         limit: usize,
-    ) -> anyhow::Result<Vec<OutboxRow>> {
+        mut admit: F,
+    ) -> anyhow::Result<Vec<OutboxRow>>
+    where
+        F: FnMut(&OutboxRow) -> bool + std::marker::Send + 'static,
+    {
         self.with(move |conn| {
-            let mut statement = conn.prepare_cached(
-                "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
-                        o.created_at, m.received_at, o.first_failed_at
-                 FROM outbox o JOIN messages m ON m.id = o.message_id
-                 WHERE o.status = 'pending'
-                   AND o.id = (SELECT MIN(i.id) FROM outbox i
-                               WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
-                 ORDER BY o.id",
-            )?;
-            let now = millis(now);
-            let mut rows = statement.query([])?;
+            let mut unreadable = Vec::new();
             let mut due = Vec::new();
-            while let Some(row) = rows.next()? {
-                let chat_id: i64 = row.get(2)?;
-                let not_before: i64 = row.get(5)?;
-                let id: i64 = row.get(0)?;
-                // A row in flight blocks its chat even after a migration moved it to a new id.
-                if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
-                    continue;
+            {
+                let mut statement = conn.prepare_cached(
+                    "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
+                            o.created_at, m.received_at, o.first_failed_at
+                     FROM outbox o JOIN messages m ON m.id = o.message_id
+                     WHERE o.status = 'pending'
+                       AND o.id = (SELECT MIN(i.id) FROM outbox i
+                                   WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
+                     ORDER BY o.id",
+                )?;
+                let now = millis(now);
+                let mut rows = statement.query([])?;
+                while let Some(row) = rows.next()? {
+                    let chat_id: i64 = row.get(2)?;
+                    let not_before: i64 = row.get(5)?;
+                    let id: i64 = row.get(0)?;
+                    // A row in flight blocks its chat even after a migration moved it to a new
+                    // id.
+                    if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
+                        continue;
+                    }
+                    let send: String = row.get(3)?;
+                    let send = match serde_json::from_str(&send) {
+                        Ok(send) => send,
+                        Err(error) => {
+                            unreadable.push((id, chat_id, format!("unreadable outbox row: {error}")));
+                            continue;
+                        }
+                    };
+                    let candidate = OutboxRow {
+                        id,
+                        message_id: row.get(1)?,
+                        chat_id,
+                        send,
+                        attempts: row.get(4)?,
+                        created_at: from_millis(row.get(6)?),
+                        first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
+                        received_at: from_millis(row.get(7)?),
+                    };
+                    if admit(&candidate) {
+                        due.push(candidate);
+                        if due.len() >= limit {
+                            break;
+                        }
+                    }
                 }
-                let send: String = row.get(3)?;
-                due.push(OutboxRow {
-                    id: row.get(0)?,
-                    message_id: row.get(1)?,
+            }
+            let finished = millis(SystemTime::now());
+            for (id, chat_id, error) in unreadable {
+                tracing::error!(
+                    outbox_row = id,
                     chat_id,
-                    send: serde_json::from_str(&send)
-                        .with_context(|| format!("Outbox row has unreadable JSON: {send}"))?,
-                    attempts: row.get(4)?,
-                    created_at: from_millis(row.get(6)?),
-                    first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
-                    received_at: from_millis(row.get(7)?),
-                });
-                if due.len() >= limit {
-                    break;
-                }
+                    %error,
+                    "An outbox row cannot be read; it is marked failed and delivery goes on."
+                );
+                conn.execute(
+                    "UPDATE outbox SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+                    params![id, finished, error],
+                )?;
             }
             Ok(due)
         })
