@@ -148,8 +148,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let tracker = TaskTracker::new();
 
     let watchers = Watchers::new(directory.clone(), config.imap.idle_renew_secs);
+    let listener = crate::http::bind(config.http.listen).await?;
     let http = tokio::spawn(crate::http::serve(
-        config.http.listen,
+        listener,
         watchers.clone(),
         metrics.clone(),
         cancel.clone(),

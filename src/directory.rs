@@ -3,16 +3,20 @@
 //! A [`Snapshot`] holds the three tables (users, mailboxes, groups) as the relay needs them. It
 //! is cached with moka for `seatable.cache_ttl_secs`, so a report costs no SeaTable call while
 //! the snapshot is fresh. The last good snapshot is also kept outside the cache and persisted in
-//! the state: a failed refresh keeps serving it (with a warning), and a start with SeaTable down
-//! starts from the persisted copy.
+//! the state, and it is served **stale-while-refresh**: once it is older than the TTL, a report
+//! gets it at once while one background refresh at a time re-reads SeaTable. A report never
+//! waits for SeaTable unless nothing was ever loaded. A failed refresh keeps the last good
+//! snapshot and warns once per outage; a start with SeaTable down starts from the persisted
+//! copy.
 //!
 //! Recipients are resolved from the "many" side of each link (users whose `mailboxes` cell
 //! contains the mailbox, groups whose `mailboxes` cell contains it), because SeaTable returns at
 //! most 50 links per cell: the mailbox row's own `users` cell cannot be trusted for a mailbox
 //! with 500 subscribers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tracing::{debug, info, warn};
@@ -58,8 +62,13 @@ pub trait DirectoryBackend: Send + Sync + 'static {
 pub struct Directory {
     backend: Arc<dyn DirectoryBackend>,
     state: State,
+    /// The fresh snapshot: present for `ttl` after each successful read.
     cache: moka::future::Cache<(), Arc<Snapshot>>,
     last_good: RwLock<Option<Arc<Snapshot>>>,
+    /// A background refresh is running (at most one at a time).
+    refreshing: AtomicBool,
+    /// The last refresh failed (its warning was logged; the next failures log at debug).
+    outage: AtomicBool,
 }
 
 impl std::fmt::Debug for Directory {
@@ -79,6 +88,8 @@ impl Directory {
                 .time_to_live(ttl)
                 .build(),
             last_good: RwLock::new(None),
+            refreshing: AtomicBool::new(false),
+            outage: AtomicBool::new(false),
         }
     }
 
@@ -107,10 +118,10 @@ impl Directory {
                     mailboxes = snapshot.mailboxes.len(),
                     "SeaTable is unreachable; starting from the persisted directory snapshot."
                 );
-                let snapshot = Arc::new(snapshot);
-                self.keep(snapshot.clone());
-                // Serve it for a TTL before trying SeaTable again from the report path.
-                self.cache.insert((), snapshot).await;
+                // Kept as the last good snapshot but not as a fresh one: the first report
+                // gets it at once and starts a background refresh.
+                self.keep(Arc::new(snapshot));
+                self.outage.store(true, Ordering::Release);
                 Ok(SnapshotSource::Persisted)
             }
         }
@@ -121,35 +132,61 @@ impl Directory {
         self.last_good.read().map(|g| g.is_some()).unwrap_or(false)
     }
 
-    /// The current snapshot: cached while fresh, else re-read from SeaTable; when that fails,
-    /// the last good snapshot (with a warning). `None` only before anything was ever loaded.
-    pub async fn snapshot(&self) -> Option<Arc<Snapshot>> {
-        let result = self
+    /// The current snapshot, without waiting for SeaTable while there is one: the cached
+    /// snapshot while fresh; once it is older than the TTL, the last good snapshot at once, and
+    /// one background refresh starts. Only a directory that was never loaded waits for
+    /// SeaTable (and for one read, however many reports ask). `None` only while nothing was
+    /// ever loaded and SeaTable fails.
+    pub async fn snapshot(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
+        if let Some(fresh) = self.cache.get(&()).await {
+            return Some(fresh);
+        }
+        if let Some(stale) = self.last_good() {
+            self.refresh_in_background();
+            return Some(stale);
+        }
+        match self
             .cache
             .try_get_with((), async { self.fetch_and_keep().await })
-            .await;
-        match result {
+            .await
+        {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
-                let last = self.last_good();
-                match &last {
-                    Some(snapshot) => {
-                        warn!(
-                            error = format!("{error:#}"),
-                            "Cannot refresh the directory from SeaTable; using the last good snapshot."
-                        );
-                        // Serve the last good copy until the TTL passes, instead of calling a
-                        // failing SeaTable for every report.
-                        self.cache.insert((), snapshot.clone()).await;
-                    }
-                    None => warn!(
-                        error = format!("{error:#}"),
-                        "Cannot read the directory from SeaTable."
-                    ),
-                }
-                last
+                warn!(
+                    error = format!("{error:#}"),
+                    "Cannot read the directory from SeaTable."
+                );
+                None
             }
         }
+    }
+
+    /// How old the last good snapshot is (since it was read from SeaTable), if there is one.
+    pub fn age(&self) -> Option<Duration> {
+        self.last_good().map(|snapshot| {
+            SystemTime::now()
+                .duration_since(snapshot.fetched_at)
+                .unwrap_or_default()
+        })
+    }
+
+    /// Starts a refresh unless one is running. A failure keeps the last good snapshot and is
+    /// logged once per outage.
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let directory = self.clone();
+        tokio::spawn(async move {
+            // (The SeaTable client bounds each request with its timeout and retries.)
+            if let Err(error) = directory.refresh().await {
+                debug!(
+                    error = format!("{error:#}"),
+                    "Background refresh of the directory failed."
+                );
+            }
+            directory.refreshing.store(false, Ordering::Release);
+        });
     }
 
     /// Re-reads SeaTable now (after a registration, or a reload tick).
@@ -157,9 +194,22 @@ impl Directory {
     /// # Errors
     /// SeaTable failed; the last good snapshot stays in use.
     pub async fn refresh(&self) -> anyhow::Result<Arc<Snapshot>> {
-        let snapshot = self.fetch_and_keep().await?;
-        self.cache.insert((), snapshot.clone()).await;
-        Ok(snapshot)
+        match self.fetch_and_keep().await {
+            Ok(snapshot) => {
+                self.cache.insert((), snapshot.clone()).await;
+                Ok(snapshot)
+            }
+            Err(error) => {
+                if !self.outage.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        error = format!("{error:#}"),
+                        age_secs = self.age().map(|age| age.as_secs()),
+                        "Cannot refresh the directory from SeaTable; serving the last good snapshot until it answers."
+                    );
+                }
+                Err(error)
+            }
+        }
     }
 
     /// The last good snapshot, without any I/O.
@@ -194,6 +244,9 @@ impl Directory {
     async fn fetch_and_keep(&self) -> anyhow::Result<Arc<Snapshot>> {
         // (The SeaTable client retries transient failures itself before giving up.)
         let snapshot = Arc::new(self.backend.fetch().await?);
+        if self.outage.swap(false, Ordering::AcqRel) {
+            info!("SeaTable answers again; the directory is fresh.");
+        }
         debug!(
             users = snapshot.users.len(),
             mailboxes = snapshot.mailboxes.len(),
@@ -362,5 +415,101 @@ mod tests {
         assert_eq!(g1.chat_id, Some(-100123));
         assert!(!g1.is_locked);
         assert!(g1.mailbox_ids.is_empty(), "a text cell is not a link");
+    }
+
+    /// A backend whose reads succeed, fail, or hang (SeaTable not answering), as a test says.
+    #[derive(Default)]
+    struct Switchable {
+        mode: std::sync::Mutex<&'static str>,
+        fetches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Switchable {
+        fn set(&self, mode: &'static str) {
+            *self.mode.lock().unwrap() = mode;
+        }
+        fn fetches(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
+        }
+    }
+
+    impl DirectoryBackend for Switchable {
+        fn fetch(&self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            let mode = *self.mode.lock().unwrap();
+            Box::pin(async move {
+                match mode {
+                    "hang" => std::future::pending().await,
+                    "fail" => anyhow::bail!("503 Service Unavailable"),
+                    _ => Ok(snapshot()),
+                }
+            })
+        }
+        fn write_last_uid(&self, _: &str, _: u32) -> BoxFuture<'_, anyhow::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn rewrite_group_chat_id(&self, _: i64, _: i64) -> BoxFuture<'_, anyhow::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_user_telegram_id(&self, _: &str, _: i64) -> BoxFuture<'_, anyhow::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn claim_group(&self, _: &str, _: i64) -> BoxFuture<'_, anyhow::Result<bool>> {
+            Box::pin(async { Ok(false) })
+        }
+    }
+
+    fn directory(backend: Arc<Switchable>, ttl: Duration) -> (tempfile::TempDir, Arc<Directory>) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state.db")).unwrap();
+        (dir, Arc::new(Directory::new(backend, state, ttl)))
+    }
+
+    #[tokio::test]
+    async fn a_stale_snapshot_is_served_at_once_while_one_refresh_runs() {
+        let backend = Arc::new(Switchable::default());
+        let (_dir, directory) = directory(backend.clone(), Duration::from_millis(50));
+        directory.load().await.unwrap();
+        assert_eq!(backend.fetches(), 1);
+        backend.set("hang");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SeaTable does not answer at all: every report still gets the last good snapshot
+        // without waiting, and only one refresh is in flight.
+        for _ in 0..10 {
+            let served = tokio::time::timeout(Duration::from_secs(1), directory.snapshot())
+                .await
+                .expect("a stale snapshot is served without waiting for SeaTable");
+            assert_eq!(served.unwrap().users.len(), 4);
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(backend.fetches(), 2, "one background refresh at a time");
+        assert!(directory.age().unwrap() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_last_good_snapshot_and_a_later_one_replaces_it() {
+        let backend = Arc::new(Switchable::default());
+        let (_dir, directory) = directory(backend.clone(), Duration::from_millis(20));
+        directory.load().await.unwrap();
+        let first = directory.last_good().unwrap();
+        backend.set("fail");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(directory.refresh().await.is_err());
+        assert!(Arc::ptr_eq(&directory.snapshot().await.unwrap(), &first));
+        backend.set("ok");
+        let fresh = directory.refresh().await.unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &first));
+        assert!(directory.age().unwrap() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn a_directory_never_loaded_waits_for_seatable() {
+        let backend = Arc::new(Switchable::default());
+        let (_dir, directory) = directory(backend.clone(), Duration::from_secs(60));
+        backend.set("fail");
+        assert!(directory.snapshot().await.is_none());
+        assert_eq!(directory.age(), None);
+        backend.set("ok");
+        assert!(directory.snapshot().await.is_some());
     }
 }

@@ -55,6 +55,10 @@ pub trait HealthSource: Send + Sync + 'static {
     fn directory_loaded(&self) -> bool;
     /// Every enabled mailbox being watched.
     fn mailboxes(&self) -> Vec<MailboxHealth>;
+    /// How long ago the directory snapshot in use was read from SeaTable (`None`: none yet).
+    fn directory_age(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The `/readyz` body.
@@ -64,6 +68,9 @@ pub struct Readiness {
     pub ready: bool,
     /// Whether the directory is loaded.
     pub directory_loaded: bool,
+    /// Seconds since the directory snapshot in use was read from SeaTable; it grows while
+    /// SeaTable is down and reports are served from the last good snapshot.
+    pub directory_age_seconds: Option<u64>,
     /// Each mailbox.
     pub mailboxes: Vec<MailboxHealth>,
 }
@@ -82,6 +89,7 @@ pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
     Readiness {
         ready,
         directory_loaded,
+        directory_age_seconds: source.directory_age().map(|age| age.as_secs()),
         mailboxes,
     }
 }
@@ -112,6 +120,9 @@ async fn readyz(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
+    if let Some(age) = app.health.directory_age() {
+        app.metrics.directory_age_seconds.set(age.as_secs_f64());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -121,19 +132,28 @@ async fn metrics_text(AxumState(app): AxumState<AppState>) -> impl IntoResponse 
     )
 }
 
-/// Binds `listen` and serves until `cancel` fires.
+/// Binds `listen` (`http.listen`). Start-up calls this before anything else runs, so an
+/// address in use fails the start instead of leaving a service without health endpoints.
 ///
 /// # Errors
-/// The address cannot be bound.
+/// The address cannot be bound (in use, not local, no permission), naming it.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("Cannot listen on {listen} (http.listen): {e}"))
+}
+
+/// Serves the endpoints on `listener` (from [`bind`]) until `cancel` fires.
+///
+/// # Errors
+/// The server failed while running.
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: Arc<dyn HealthSource>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("Cannot listen on {listen} (http.listen): {e}"))?;
+    let listen = listener.local_addr()?;
     tracing::info!(%listen, "Serving /healthz, /readyz and /metrics.");
     axum::serve(listener, router(health, metrics))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -185,5 +205,38 @@ mod tests {
             .ready
         );
         assert!(readiness(&Fixed(true, vec![]), now).ready);
+    }
+
+    struct Aged(Duration);
+    impl HealthSource for Aged {
+        fn directory_loaded(&self) -> bool {
+            true
+        }
+        fn mailboxes(&self) -> Vec<MailboxHealth> {
+            Vec::new()
+        }
+        fn directory_age(&self) -> Option<Duration> {
+            Some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_directory_age_is_in_readyz_and_metrics() {
+        let health: Arc<dyn HealthSource> = Arc::new(Aged(Duration::from_secs(95)));
+        let body = readiness(health.as_ref(), SystemTime::now());
+        assert_eq!(body.directory_age_seconds, Some(95));
+        let app = AppState {
+            health,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let response = metrics_text(AxumState(app)).await.into_response();
+        let text = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("report_relay_directory_age_seconds 95.0"),
+            "{text}"
+        );
     }
 }

@@ -138,6 +138,10 @@ impl HealthSource for Watchers {
         self.directory.is_loaded()
     }
 
+    fn directory_age(&self) -> Option<Duration> {
+        self.directory.age()
+    }
+
     fn mailboxes(&self) -> Vec<MailboxHealth> {
         let Ok(map) = self.statuses.lock() else {
             return Vec::new();
