@@ -270,9 +270,11 @@ async fn wait_for_signal() {
     }
 }
 
-/// `report-relay replay EML... --mailbox ADDRESS`: relays the files for real as if they had
-/// arrived in that mailbox, keyed by content hash (running it twice sends nothing twice).
-/// Returns whether every recipient got every file.
+/// `report-relay replay EML... --mailbox ADDRESS [--timeout SECS]`: relays the files for real
+/// as if they had arrived in that mailbox, keyed by content hash (running it twice, or on a
+/// mail IMAP already relayed, sends nothing twice). Waits for the sends of these files only,
+/// at most `timeout`; what is still pending then stays in the outbox for `run`. Returns whether
+/// every recipient got every file within the timeout.
 ///
 /// # Errors
 /// The state, SeaTable or Telegram could not be used at all.
@@ -280,6 +282,7 @@ pub async fn replay_to_mailbox(
     config: Config,
     files: Vec<PathBuf>,
     mailbox: String,
+    timeout: Duration,
 ) -> anyhow::Result<bool> {
     let Core {
         handles,
@@ -303,7 +306,7 @@ pub async fn replay_to_mailbox(
     let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
     let relay = Relay::new(handles, RelaySettings::new(&config), wake, None);
     let mut all_ok = true;
-    let started = std::time::SystemTime::now();
+    let mut message_ids = Vec::new();
     for path in &files {
         let raw = match std::fs::read(path) {
             Ok(raw) => raw,
@@ -335,33 +338,35 @@ pub async fn replay_to_mailbox(
         if relayed.outcome == crate::state::MessageOutcome::Failed {
             all_ok = false;
         }
+        message_ids.extend(relayed.message_id);
     }
-    // Drain the outbox, then stop.
+    // Deliver these files' sends (the worker takes the whole outbox in order), then stop.
     let cancel = CancellationToken::new();
     let worker = tokio::spawn(worker.run(cancel.clone()));
-    loop {
-        let pending = state.pending_count().await?;
-        if pending == 0 {
-            break;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let counts = loop {
+        let counts = state.send_counts(message_ids.clone()).await?;
+        if counts.pending == 0 {
+            break counts;
         }
-        let next = state.next_due_at().await?;
-        if let Some(next) = next
-            && next
-                .duration_since(std::time::SystemTime::now())
-                .is_ok_and(|d| d > Duration::from_secs(600))
-        {
+        if tokio::time::Instant::now() >= deadline {
             warn!(
-                pending,
-                "Some sends wait longer than 10 minutes; they stay in the outbox for `run`."
+                pending = counts.pending,
+                timeout_secs = timeout.as_secs(),
+                "Sends of the replayed files are still pending after --timeout; they stay in the outbox and go out with `run`."
             );
             all_ok = false;
-            break;
+            break counts;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     cancel.cancel();
     let _ = worker.await;
-    if state.failed_sends_since(started).await? > 0 {
+    if counts.failed > 0 {
+        warn!(
+            failed = counts.failed,
+            "Some sends of the replayed files failed."
+        );
         all_ok = false;
     }
     Ok(all_ok)

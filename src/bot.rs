@@ -597,7 +597,10 @@ mod tests {
         assert_eq!(rows("74741234567"), ["ru-474"]);
         assert_eq!(rows("74912345678"), ["ru-491"]);
         assert_eq!(rows("+79991234567"), ["ru-999"]);
-        assert!(rows("89991234567").is_empty(), "Telegram never sends a trunk prefix");
+        assert!(
+            rows("89991234567").is_empty(),
+            "Telegram never sends a trunk prefix"
+        );
         assert!(rows("123").is_empty());
     }
 

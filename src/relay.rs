@@ -92,6 +92,8 @@ pub struct Relayed {
     pub recipients: usize,
     /// The message was acknowledged before (same UID or same content); nothing was queued.
     pub duplicate: bool,
+    /// The stored message's row id (`None` for a duplicate): the key of its outbox rows.
+    pub message_id: Option<i64>,
 }
 
 impl Relay {
@@ -261,6 +263,10 @@ impl Relay {
             sends: if duplicate { 0 } else { sends },
             recipients: if duplicate { 0 } else { recipients },
             duplicate,
+            message_id: match result {
+                AckResult::Stored(id) => Some(id),
+                AckResult::Duplicate => None,
+            },
         })
     }
 }

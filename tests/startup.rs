@@ -50,3 +50,63 @@ async fn an_http_listen_address_in_use_fails_the_start() {
     );
     drop(taken);
 }
+
+/// `report-relay replay FILE --config C --mailbox ADDRESS --timeout SECS`: exit code, output,
+/// and how long it ran.
+async fn replay(stack: &Stack, file: &str, timeout_secs: u64) -> (i32, String, Duration) {
+    let config = stack.write_config(&Tuning::default());
+    let eml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/superset")
+        .join(file);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_report-relay"));
+    command
+        .arg("replay")
+        .arg(eml)
+        .arg("--config")
+        .arg(config)
+        .args(["--mailbox", stack::ADDRESS, "--timeout"])
+        .arg(timeout_secs.to_string())
+        .env("RUST_LOG", "warn");
+    let started = std::time::Instant::now();
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_waits_for_its_own_sends_at_most_its_timeout() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    let (ann, bob) = (111_222_333, 444_555_666);
+    let row = stack.add_user("Ann", Some(ann), &[&mailbox]);
+    // Ann's sends fail with a transient error for good: replay must give up at --timeout,
+    // not after delivery.give_up_after_secs (600 s in the stack's config).
+    stack.telegram.inject(
+        telegram::FaultRule::new(telegram::Fault::Api {
+            code: 500,
+            description: "Internal Server Error".into(),
+        })
+        .chat(ann),
+    );
+    let (code, out, took) = replay(&stack, "01_chart_png_report.eml", 2).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("still pending after --timeout"), "{out}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+
+    // Ann's send is still pending in the outbox; a replay for Bob alone waits only for its
+    // own send and succeeds.
+    stack.seatable.update_row(
+        "users",
+        &row,
+        serde_json::json!({"id_telegram": bob.to_string()}),
+    );
+    let (code, out, _) = replay(&stack, "03_dashboard_pdf_report.eml", 60).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(stack.ok_sends_to(bob).len(), 1, "{out}");
+}

@@ -93,6 +93,17 @@ pub enum AckResult {
     Duplicate,
 }
 
+/// How the outbox rows of some messages stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendCounts {
+    /// Still to be sent (or retried).
+    pub pending: usize,
+    /// Accepted by Telegram.
+    pub done: usize,
+    /// Failed for good.
+    pub failed: usize,
+}
+
 /// An outbox row due for sending.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -139,17 +150,21 @@ impl State {
                 }) => tx
                     .query_row(
                         // The content hash too: after a server restore reuses UIDs under the
-                        // same UIDVALIDITY, a new message at an old UID is not a duplicate.
+                        // same UIDVALIDITY, a new message at an old UID is not a duplicate. A
+                        // mail already relayed by `replay` is one.
                         "SELECT 1 FROM messages WHERE mailbox = ?1 AND uid_validity = ?2 AND uid = ?3
-                           AND raw_sha256 = ?4",
+                           AND raw_sha256 = ?4
+                         UNION ALL
+                         SELECT 1 FROM replays WHERE mailbox = ?1 AND raw_sha256 = ?4",
                         params![ack.mailbox, uid_validity, uid, ack.raw_sha256],
                         |_| Ok(()),
                     )
                     .optional()?
                     .is_some(),
+                // A replay is a duplicate of anything relayed before, from IMAP or a replay.
                 None => tx
                     .query_row(
-                        "SELECT 1 FROM replays WHERE mailbox = ?1 AND raw_sha256 = ?2",
+                        "SELECT 1 FROM ledger WHERE mailbox = ?1 AND raw_sha256 = ?2",
                         params![ack.mailbox, ack.raw_sha256],
                         |_| Ok(()),
                     )
@@ -176,6 +191,10 @@ impl State {
                     ],
                 )?;
                 let message_id = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) VALUES (?1, ?2)",
+                    params![ack.mailbox, ack.raw_sha256],
+                )?;
                 if ack.uid.is_none() {
                     tx.execute(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES (?1, ?2, ?3)",
@@ -418,7 +437,8 @@ impl State {
 
     /// Deletes what is no longer needed: finished outbox rows finished before `cutoff`, messages
     /// acknowledged before it that have no outbox row left, and file bytes last queued before it
-    /// that no pending send needs. Checkpoints, `file_id`s, the snapshot and chat statuses stay.
+    /// that no pending send needs. Checkpoints, `file_id`s, the ledger of relayed content and
+    /// the replays (what makes an old mail a duplicate), the snapshot and chat statuses stay.
     /// Returns the number of rows deleted.
     ///
     /// # Errors
@@ -431,12 +451,7 @@ impl State {
                 "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
                 [cutoff],
             )?;
-            deleted += tx.execute(
-                "DELETE FROM replays WHERE message_id IN (
-                     SELECT id FROM messages WHERE acknowledged_at < ?1
-                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id))",
-                [cutoff],
-            )?;
+            // The ledger and the replays stay: they are what makes an old mail a duplicate.
             deleted += tx.execute(
                 "DELETE FROM messages WHERE acknowledged_at < ?1
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id)",
@@ -454,17 +469,30 @@ impl State {
         .await
     }
 
-    /// Sends that were marked failed at or after `since`.
+    /// How the sends of these messages stand (for `replay --mailbox`, which waits for its own
+    /// sends only).
     ///
     /// # Errors
     /// A database error.
-    pub async fn failed_sends_since(&self, since: SystemTime) -> anyhow::Result<i64> {
+    pub async fn send_counts(&self, message_ids: Vec<i64>) -> anyhow::Result<SendCounts> {
         self.with(move |conn| {
-            Ok(conn.query_row(
-                "SELECT COUNT(*) FROM outbox WHERE status = 'failed' AND finished_at >= ?1",
-                [millis(since)],
-                |row| row.get(0),
-            )?)
+            let mut counts = SendCounts::default();
+            let mut statement = conn.prepare_cached(
+                "SELECT status, COUNT(*) FROM outbox WHERE message_id = ?1 GROUP BY status",
+            )?;
+            for id in message_ids {
+                let mut rows = statement.query([id])?;
+                while let Some(row) = rows.next()? {
+                    let count: i64 = row.get(1)?;
+                    let count = usize::try_from(count).unwrap_or(0);
+                    match row.get::<_, String>(0)?.as_str() {
+                        "pending" => counts.pending += count,
+                        "failed" => counts.failed += count,
+                        _ => counts.done += count,
+                    }
+                }
+            }
+            Ok(counts)
         })
         .await
     }

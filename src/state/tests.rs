@@ -346,3 +346,64 @@ async fn admit_refusing_a_head_keeps_its_chat_blocked() {
     let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
     assert_eq!(heads, [Some("c".into())]);
 }
+
+/// Finishes every due send, then prunes with a cutoff an hour ahead (everything is old).
+async fn finish_all_and_prune(state: &State) {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    loop {
+        let due = state
+            .due_sends(later, vec![], vec![], 10, |_| true)
+            .await
+            .unwrap();
+        if due.is_empty() {
+            break;
+        }
+        for row in due {
+            state.finish_send(row.id, SendResult::Done).await.unwrap();
+        }
+    }
+    assert!(state.prune(later).await.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_replay_and_imap_dedupe_against_each_other_even_after_pruning() {
+    let (_dir, state) = fresh_state();
+    // IMAP relayed it; a month later someone replays the same file.
+    state
+        .acknowledge(ack(5, vec![(1, send("a"))]))
+        .await
+        .unwrap();
+    finish_all_and_prune(&state).await;
+    let mut replay = ack(5, vec![(1, send("a"))]);
+    replay.uid = None;
+    replay.checkpoint = None;
+    assert_eq!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Duplicate
+    );
+    // A replayed mail that IMAP catches up on later (a new UID, the same bytes).
+    let mut replay = ack(6, vec![(1, send("b"))]);
+    replay.uid = None;
+    replay.checkpoint = None;
+    assert!(matches!(
+        state.acknowledge(replay.clone()).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    finish_all_and_prune(&state).await;
+    assert_eq!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Duplicate,
+        "the replay ledger outlives the pruning"
+    );
+    let imap = ack(6, vec![(1, send("b"))]);
+    assert_eq!(state.acknowledge(imap).await.unwrap(), AckResult::Duplicate);
+    assert_eq!(state.pending_count().await.unwrap(), 0);
+    assert_eq!(
+        state.checkpoint("reports@example.com").await.unwrap(),
+        Some(Checkpoint {
+            uid_validity: 7,
+            last_uid: 6
+        }),
+        "a duplicate still moves the checkpoint"
+    );
+}
