@@ -52,6 +52,8 @@ pub struct RelaySettings {
     pub subject_prefixes: Vec<String>,
     /// `telegram.png_as`, `telegram.max_upload_bytes`, `reports.forward_errors`.
     pub plan: PlanOptions,
+    /// `reports.require_authentication.authserv_id`, when set.
+    pub require_authentication: Option<String>,
 }
 
 impl RelaySettings {
@@ -60,6 +62,11 @@ impl RelaySettings {
         Self {
             subject_prefixes: config.reports.subject_prefixes.clone(),
             plan: PlanOptions::from(config),
+            require_authentication: config
+                .reports
+                .require_authentication
+                .as_ref()
+                .map(|required| required.authserv_id.clone()),
         }
     }
 }
@@ -191,6 +198,11 @@ impl Relay {
                         "sender {} is not in allowed_senders",
                         report.from.as_deref().unwrap_or("(none)")
                     ));
+                } else if let Some(Err(reason)) = self.authenticated(&report) {
+                    warn!(%mailbox, uid = uid_field, from = report.from.as_deref().unwrap_or(""), title = %report.title,
+                          %reason, "Mail the receiving server did not authenticate; not relaying it (it stays on the server).");
+                    ack.outcome = MessageOutcome::Filtered;
+                    ack.detail = Some(format!("not authenticated: {reason}"));
                 } else if let Some(reason) = plan.skipped {
                     info!(%mailbox, uid = uid_field, title = %report.title, %reason, "Not relaying this report.");
                     ack.outcome = MessageOutcome::Skipped;
@@ -268,6 +280,27 @@ impl Relay {
                 AckResult::Duplicate => None,
             },
         })
+    }
+}
+
+impl Relay {
+    /// `reports.require_authentication`: `None` when it is off, else whether the receiving MTA
+    /// authenticated the From domain (see [`crate::report::auth_results::check`]).
+    fn authenticated(&self, report: &Report) -> Option<Result<(), String>> {
+        let authserv_id = self.settings.require_authentication.as_deref()?;
+        let Some(domain) = report
+            .from
+            .as_deref()
+            .and_then(|from| from.rsplit_once('@'))
+            .map(|(_, domain)| domain)
+        else {
+            return Some(Err("it has no From address".into()));
+        };
+        Some(crate::report::auth_results::check(
+            &report.authentication_results,
+            authserv_id,
+            domain,
+        ))
     }
 }
 

@@ -484,6 +484,7 @@ mod tests {
             tables: Vec::new(),
             from: None,
             message_id: None,
+            authentication_results: Vec::new(),
             files: Vec::new(),
             ignored_parts: Vec::new(),
         }
