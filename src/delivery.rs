@@ -18,6 +18,11 @@
 //!   `PHOTO_INVALID_DIMENSIONS` resends as a document; 5xx and network errors retry with
 //!   jittered backoff until `delivery.give_up_after_secs`, then the send is marked failed and
 //!   logged at ERROR.
+//! - **Albums** are all or nothing, so a failed `sendMediaGroup` is sent again whole: TDLib
+//!   sends an album as one `messages.sendMultiMedia`; when one item fails, the others fail with
+//!   "Group send failed", the Bot API deletes each failed message and answers with one error
+//!   (`telegram-bot-api` `Client::on_message_send_failed`). The `#k` in `Failed to send message
+//!   #k` counts the answers before that error, not delivered items.
 //! - **Crash safety:** a row is marked done the moment Telegram accepts it.
 
 use std::collections::{HashMap, HashSet};
