@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, TableNames};
+use crate::config::Config;
 use crate::delivery::{DeliverySettings, DeliveryWorker, sending_bot};
 use crate::directory::{
     ChatStatuses, Directory, DirectoryBackend, LastUidWriter, Migrations, SeaTableBackend,
@@ -47,27 +47,6 @@ fn seatable_client(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Sea
         seatable_http()?,
         metrics,
     )?)
-}
-
-/// Checks that the base has every table and column the relay writes (SeaTable silently ignores
-/// unknown column names on writes).
-///
-/// # Errors
-/// One line per missing table or column, e.g. `table users has no column id_telegram`; or
-/// SeaTable could not be reached.
-pub async fn check_schema(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<()> {
-    let metadata = client.metadata().await?;
-    let missing = Schema::bundled()
-        .with_table_names(tables)
-        .missing(&metadata);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "the SeaTable base lacks what the relay needs ({}); run `report-relay schema apply`",
-            missing.join("; ")
-        )
-    }
 }
 
 /// The pieces shared by `run` and `replay --mailbox`.
@@ -170,7 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Ok(SnapshotSource::SeaTable) => {
                 // SeaTable answers: it must have every column the relay writes, because it
                 // silently ignores unknown column names on writes.
-                if let Err(error) = check_schema(backend.client(), &config.seatable.tables).await {
+                if let Err(error) = backend.verify_schema().await {
                     cancel.cancel();
                     let _ = http.await;
                     return Err(error);
@@ -406,7 +385,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ok: true,
                 text: format!("seatable: logged in to {}", config.seatable.server_url),
             });
-            match check_schema(&client, &config.seatable.tables).await {
+            match crate::schema::check(&client, &config.seatable.tables).await {
                 Ok(()) => lines.push(CheckLine {
                     ok: true,
                     text: "seatable: every table and column the relay needs exists".into(),

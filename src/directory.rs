@@ -56,6 +56,11 @@ pub trait DirectoryBackend: Send + Sync + 'static {
     /// AND id_telegram_chat IS NULL`, which also locks it), then reads the row back. Returns
     /// whether the row now holds this chat's id, i.e. whether the claim was won.
     fn claim_group(&self, group_row_id: &str, chat_id: i64) -> BoxFuture<'_, anyhow::Result<bool>>;
+    /// Why writes are refused because the base lacks a table or column the relay writes
+    /// (`None`: no such problem is known).
+    fn schema_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The cached directory. See the module docs.

@@ -59,6 +59,10 @@ pub trait HealthSource: Send + Sync + 'static {
     fn directory_age(&self) -> Option<std::time::Duration> {
         None
     }
+    /// Why the relay refuses to write to SeaTable (a missing column), if it does.
+    fn schema_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The `/readyz` body.
@@ -71,12 +75,14 @@ pub struct Readiness {
     /// Seconds since the directory snapshot in use was read from SeaTable; it grows while
     /// SeaTable is down and reports are served from the last good snapshot.
     pub directory_age_seconds: Option<u64>,
+    /// Why SeaTable writes are refused (the base lacks a column): then the answer is 503.
+    pub schema_problem: Option<String>,
     /// Each mailbox.
     pub mailboxes: Vec<MailboxHealth>,
 }
 
-/// Works out readiness at `now`: the directory is loaded and every mailbox has completed a
-/// catch-up since start, none longer ago than [`CATCH_UP_STALE_AFTER`].
+/// Works out readiness at `now`: the directory is loaded, SeaTable writes are not refused for a
+/// missing column, and every mailbox has completed a catch-up since start, none longer ago than [`CATCH_UP_STALE_AFTER`].
 pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
     let directory_loaded = source.directory_loaded();
     let mailboxes = source.mailboxes();
@@ -85,11 +91,13 @@ pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
             t >= m.started_at && now.duration_since(t).unwrap_or_default() < m.stale_after
         })
     };
-    let ready = directory_loaded && mailboxes.iter().all(fresh);
+    let schema_problem = source.schema_problem();
+    let ready = directory_loaded && schema_problem.is_none() && mailboxes.iter().all(fresh);
     Readiness {
         ready,
         directory_loaded,
         directory_age_seconds: source.directory_age().map(|age| age.as_secs()),
+        schema_problem,
         mailboxes,
     }
 }

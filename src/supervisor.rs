@@ -142,6 +142,10 @@ impl HealthSource for Watchers {
         self.directory.age()
     }
 
+    fn schema_problem(&self) -> Option<String> {
+        self.directory.backend().schema_problem()
+    }
+
     fn mailboxes(&self) -> Vec<MailboxHealth> {
         let Ok(map) = self.statuses.lock() else {
             return Vec::new();

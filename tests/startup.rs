@@ -110,3 +110,60 @@ async fn replay_waits_for_its_own_sends_at_most_its_timeout() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(stack.ok_sends_to(bob).len(), 1, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_start_from_the_persisted_snapshot_no_write_goes_before_the_schema_check() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    let ann = 111_222_333;
+    stack.add_user("Ann", Some(ann), &[&mailbox]);
+    let tuning = Tuning {
+        cache_ttl_secs: 1,
+        ..Tuning::default()
+    };
+    let relay = stack.start(&tuning);
+    stack.wait_ready(1).await;
+    relay.stop().await;
+
+    // SeaTable is down at the start, and comes back without the column the relay writes.
+    stack
+        .seatable
+        .go_down(seatable::Outage::ConnectionRefused)
+        .await;
+    stack.seatable.remove_column("mailboxes", "last_uid");
+    let relay = stack.start(&tuning);
+    stack.wait_ready(1).await;
+    stack.seatable.come_back().await;
+    let writes_before = stack.seatable.requests(seatable::Endpoint::UpdateRows);
+    stack
+        .deliver(&stack::fixture("01_chart_png_report.eml"))
+        .await;
+    // The report still goes out, from the snapshot...
+    stack
+        .wait_for_sends(&[ann], 1, Duration::from_secs(30))
+        .await;
+    // ...but once SeaTable answers, /readyz names what is missing and nothing is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some((503, body)) = stack.readyz().await
+            && body["schema_problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("last_uid"))
+        {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            stack.readyz().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body["ready"], false);
+    relay.stop().await;
+    assert_eq!(
+        stack.seatable.requests(seatable::Endpoint::UpdateRows),
+        writes_before,
+        "no last_uid write went to a base without the column"
+    );
+}
