@@ -105,13 +105,28 @@ fn delivery_worker(
     ))
 }
 
-/// `report-relay run`: the service, until `shutdown` resolves.
+/// `report-relay run`: the service, until `shutdown` resolves, with the config it was given.
 ///
 /// # Errors
 /// A fatal start-up error: the state cannot be opened, the HTTP address cannot be bound, or
 /// SeaTable answers but lacks a required table or column.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_reloading(config, None, shutdown).await
+}
+
+/// [`run`], re-reading `config_path` on every SIGHUP: the `imap` section applies at once
+/// (watchers whose connection settings changed restart); a change elsewhere is logged as
+/// needing a restart; a config that does not load keeps the running one, with an ERROR.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloading(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let (config_updates, config_changes) = tokio::sync::watch::channel(config.clone());
     let Core {
         handles,
         backend,
@@ -204,8 +219,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         relay,
         metrics.clone(),
         watchers,
-    );
+    )
+    .reloading(config_changes);
     tracker.spawn(supervisor.run(cancel.clone(), SHUTDOWN_GRACE / 2));
+    if let Some(path) = config_path {
+        tracker.spawn(reload_on_sighup(path, config_updates, cancel.clone()));
+    }
     tracker.close();
     info!("report-relay is running.");
 
@@ -221,6 +240,66 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = http.await;
     info!("Stopped.");
     Ok(())
+}
+
+/// Re-reads the config file at every SIGHUP until `cancel` fires and publishes it when it loads.
+async fn reload_on_sighup(
+    path: PathBuf,
+    updates: tokio::sync::watch::Sender<Arc<Config>>,
+    cancel: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGHUP; the config is not reloaded.");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match Config::load(&path) {
+            Ok(new) => {
+                let old = updates.borrow().clone();
+                let restart_only = restart_only_changes(&old, &new);
+                if !restart_only.is_empty() {
+                    warn!(
+                        sections = restart_only.join(", "),
+                        "The config changed where a reload cannot apply it; restart the relay for that."
+                    );
+                }
+                info!(config = %path.display(), "Reloaded the config on SIGHUP; the imap settings apply now.");
+                updates.send_replace(Arc::new(new));
+            }
+            Err(error) => error!(
+                config = %path.display(),
+                error = format!("{error:#}"),
+                "Cannot reload the config on SIGHUP; keeping the running one."
+            ),
+        }
+    }
+}
+
+/// The sections of the config outside `imap` that differ (they take effect after a restart).
+/// Compared by their `Debug` text, in which secrets are redacted: a changed token alone is not
+/// noticed.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    [
+        ("telegram", differs(&old.telegram, &new.telegram)),
+        ("seatable", differs(&old.seatable, &new.seatable)),
+        ("reports", differs(&old.reports, &new.reports)),
+        ("delivery", differs(&old.delivery, &new.delivery)),
+        ("state", differs(&old.state, &new.state)),
+        ("http", differs(&old.http, &new.http)),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// Resolves at the first SIGTERM or SIGINT; a second signal exits the process at once.

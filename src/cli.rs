@@ -134,7 +134,11 @@ impl Cli {
             Command::Replay(args) => replay_command(args),
             Command::Run(args) => {
                 let config = Config::load(&args.config)?;
-                runtime()?.block_on(crate::app::run(config, crate::app::shutdown_signal()))?;
+                runtime()?.block_on(crate::app::run_reloading(
+                    config,
+                    Some(args.config.clone()),
+                    crate::app::shutdown_signal(),
+                ))?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Check(args) => {

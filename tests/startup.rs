@@ -167,3 +167,68 @@ async fn after_a_start_from_the_persisted_snapshot_no_write_goes_before_the_sche
         "no last_uid write went to a base without the column"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_and_a_broken_one_is_refused() {
+    let stack = Stack::new().await;
+    let path = stack.write_config(&Tuning::default());
+    let good = std::fs::read_to_string(&path).unwrap();
+    let wrong = good.replace(
+        &format!("password: \"{}\"", stack::PASSWORD),
+        "password: \"not-the-password\"",
+    );
+    assert_ne!(good, wrong);
+    std::fs::write(&path, &wrong).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_report-relay"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let hangup = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let wait_for = |what: &'static str, check: fn(&serde_json::Value) -> bool| {
+        let stack = &stack;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some((_, body)) = stack.readyz().await
+                    && check(&body)
+                {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{what}: {:?}",
+                    stack.readyz().await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("a login failure", |body| {
+        body["mailboxes"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authentication failed"))
+    })
+    .await;
+
+    // A config that does not load is refused; the relay runs on.
+    std::fs::write(&path, "telegram: [this is not a config").unwrap();
+    hangup(child.id());
+    // The password is fixed: SIGHUP alone makes the watcher log in.
+    std::fs::write(&path, &good).unwrap();
+    hangup(child.id());
+    stack.wait_ready(1).await;
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
