@@ -1459,6 +1459,74 @@ async fn strict_limits_count_albums_and_record_violations() {
     assert_eq!(fake.stats().rate_violations, 3);
 }
 
+// ----- answer delay -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_answer_delay_delivers_at_once_and_answers_later() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let fake = FakeTelegram::start_with(
+        TOKEN,
+        FakeConfig {
+            answer_delay: DELAY,
+            ..FakeConfig::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = fake.method_url("sendMessage");
+    let started = Instant::now();
+    let send = tokio::spawn(
+        http.post(&url)
+            .json(&serde_json::json!({"chat_id": USER_ID, "text": "late"}))
+            .send(),
+    );
+    // Recorded and delivered long before the answer.
+    fake.wait_for_calls("sendMessage", 1, DELAY / 2)
+        .await
+        .expect("processed before the answer");
+    assert_eq!(fake.delivered_messages().len(), 1);
+    assert!(!send.is_finished());
+    let r = send.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() >= DELAY, "{:?}", started.elapsed());
+
+    // Only sends wait: getMe answers at once.
+    let started = Instant::now();
+    fake.bot().get_me().await.unwrap();
+    assert!(started.elapsed() < DELAY / 2, "{:?}", started.elapsed());
+
+    // A client that gives up before the answer does not undo the delivery.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = impatient
+        .post(&url)
+        .json(&serde_json::json!({"chat_id": USER_ID + 1, "text": "gone"}))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(fake.sends_to(USER_ID + 1)[0].is_ok());
+    assert_eq!(fake.delivered_messages().len(), 2);
+
+    // set_answer_delay changes it at run time; a Fault::Delay on one chat replaces it there.
+    fake.set_answer_delay(Duration::ZERO);
+    fake.inject(FaultRule::new(Fault::Delay(DELAY)).chat(USER_ID + 2));
+    let started = Instant::now();
+    fake.bot()
+        .send_message(ChatId(USER_ID), "quick")
+        .await
+        .unwrap();
+    assert!(started.elapsed() < DELAY / 2, "{:?}", started.elapsed());
+    let started = Instant::now();
+    fake.bot()
+        .send_message(ChatId(USER_ID + 2), "slow")
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= DELAY, "{:?}", started.elapsed());
+}
+
 #[test]
 fn html_parser_matches_tdlib() {
     // Error cases from TDLib's test/message_entities.cpp (parse_html).

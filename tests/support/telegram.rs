@@ -39,6 +39,8 @@
 //! - Failure injection ([`FaultRule`], [`Fault`]) and persistent chat states ([`ChatState`]).
 //! - Optional strict flood control ([`RateLimits`], [`FloodControl`]): Telegram's per-chat,
 //!   per-group and global limits over every sliding window, each violation recorded.
+//! - An optional answer delay ([`FakeConfig::answer_delay`], [`Fault::Delay`]) after a send is
+//!   processed and recorded.
 //! - Update builders ([`FakeTelegram::push_start`], [`FakeTelegram::push_contact`],
 //!   [`FakeTelegram::push_bot_promoted`], [`FakeTelegram::push_migration`], …) producing JSON
 //!   that teloxide 0.17 parses (no `UpdateKind::Error`).
@@ -294,6 +296,11 @@ pub struct FakeConfig {
     pub strict_chats: bool,
     /// Strict flood control; `None` (default) disables it.
     pub rate_limits: Option<RateLimits>,
+    /// Answer every message-producing call (`sendMessage`, `sendPhoto`, `sendDocument`,
+    /// `sendMediaGroup`) this long after the fake has processed and recorded it, like the
+    /// round trip to Telegram's data centre. What was delivered stays delivered when the client
+    /// gives up or dies before the answer. A matching [`Fault::Delay`] replaces it. Default zero.
+    pub answer_delay: Duration,
 }
 
 impl Default for FakeConfig {
@@ -305,6 +312,7 @@ impl Default for FakeConfig {
             strict_html: true,
             strict_chats: false,
             rate_limits: None,
+            answer_delay: Duration::ZERO,
         }
     }
 }
@@ -1294,6 +1302,11 @@ impl FakeTelegram {
         st.config.rate_limits = limits;
     }
 
+    /// Change [`FakeConfig::answer_delay`].
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.inner.lock().config.answer_delay = delay;
+    }
+
     /// Change [`FakeConfig::max_upload_bytes`].
     pub fn set_max_upload_bytes(&self, bytes: usize) {
         self.inner.lock().config.max_upload_bytes = bytes;
@@ -2231,7 +2244,15 @@ async fn entry(AxumState(inner): AxumState<Arc<Inner>>, req: Request) -> Respons
 
 async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
     let method_lc = ctx.method_lc();
-    let fault = inner.lock().take_fault(&method_lc, ctx.chat_id());
+    let (fault, answer_delay) = {
+        let mut st = inner.lock();
+        let delay = if is_send_method(ctx.method) {
+            st.config.answer_delay
+        } else {
+            Duration::ZERO
+        };
+        (st.take_fault(&method_lc, ctx.chat_id()), delay)
+    };
     let delay = match fault {
         Some(Fault::Delay(d)) => Some(d),
         Some(fault) => {
@@ -2245,6 +2266,7 @@ async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
                 st.record(call);
             }
             inner.notify();
+            pause(answer_delay).await;
             return answer;
         }
         None => None,
@@ -2265,10 +2287,16 @@ async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
         inner.notify();
         answer
     };
-    if let Some(d) = delay {
+    // Recorded first: a client that stops waiting (or dies) does not undo the delivery.
+    pause(delay.unwrap_or(answer_delay)).await;
+    answer
+}
+
+/// Sleeps `d`; zero returns at once (a zero `tokio::time::sleep` waits for the next timer tick).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
         tokio::time::sleep(d).await;
     }
-    answer
 }
 
 fn fault_answer(fault: &Fault) -> Answer {
