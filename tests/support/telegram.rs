@@ -3082,6 +3082,27 @@ impl State {
         stored
     }
 
+    /// A parsed file of a send, its caption parsed as `parse_mode` says (the Bot API server does
+    /// that before looking at the chat).
+    fn item(
+        &self,
+        field: String,
+        kind: FileKind,
+        source: ItemSource,
+        caption: Option<&str>,
+        parse_mode: Option<&str>,
+    ) -> Result<Item, ApiErr> {
+        let formatted = caption.map(|c| self.format(c, parse_mode)).transpose()?;
+        Ok(Item {
+            field,
+            kind,
+            source,
+            caption: caption.map(str::to_owned),
+            parse_mode: parse_mode.map(str::to_owned),
+            formatted,
+        })
+    }
+
     fn send_single(&mut self, ctx: &Ctx, call: &mut Call, kind: FileKind) -> Result<Value, ApiErr> {
         self.check_upload_size(ctx)?;
         let (field, missing, content) = match kind {
@@ -3090,21 +3111,14 @@ impl State {
         };
         // 1. What the Bot API server parses itself.
         let source = self.parse_item(ctx, Some(field), ctx.param(field), missing)?;
-        let caption = ctx.param("caption").map(str::to_owned);
-        let parse_mode = ctx.param("parse_mode").map(str::to_owned);
-        let formatted = match &caption {
-            Some(c) => Some(self.format(c, parse_mode.as_deref())?),
-            None => None,
-        };
-        let markup = parse_reply_markup(ctx)?;
-        let item = Item {
-            field: field.to_owned(),
+        let item = self.item(
+            field.to_owned(),
             kind,
             source,
-            caption,
-            parse_mode,
-            formatted,
-        };
+            ctx.param("caption"),
+            ctx.param("parse_mode"),
+        )?;
+        let markup = parse_reply_markup(ctx)?;
         // 2. The chat.
         let chat = self.check_chat(ctx)?;
         // 3. TDLib.
@@ -3180,26 +3194,8 @@ impl State {
                 obj.get("media").and_then(Value::as_str),
                 desc::MEDIA_NOT_FOUND,
             )?;
-            let caption = obj
-                .get("caption")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let parse_mode = obj
-                .get("parse_mode")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let formatted = match &caption {
-                Some(c) => Some(self.format(c, parse_mode.as_deref())?),
-                None => None,
-            };
-            items.push(Item {
-                field,
-                kind,
-                source,
-                caption,
-                parse_mode,
-                formatted,
-            });
+            let text = |key: &str| obj.get(key).and_then(Value::as_str);
+            items.push(self.item(field, kind, source, text("caption"), text("parse_mode"))?);
         }
         // 2. The chat.
         let chat = self.check_chat(ctx)?;
