@@ -1414,6 +1414,22 @@ impl FakeTelegram {
             .collect()
     }
 
+    /// From the first to the last arrival ([`Call::received_at`]) of the successful sends to
+    /// `chats`; zero with fewer than two.
+    pub fn ok_send_span(&self, chats: &[i64]) -> Duration {
+        let st = self.inner.lock();
+        let times: Vec<Instant> = st
+            .calls
+            .iter()
+            .filter(|c| c.is_send() && c.is_ok() && c.chat_id.is_some_and(|id| chats.contains(&id)))
+            .map(|c| c.received_at)
+            .collect();
+        match (times.iter().min(), times.iter().max()) {
+            (Some(first), Some(last)) => *last - *first,
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Successful `sendMessage` calls to `chat_id` (the bot's replies, with `reply_markup`).
     pub fn replies_to(&self, chat_id: i64) -> Vec<Call> {
         self.sends_to(chat_id)
