@@ -141,6 +141,20 @@ impl Stack {
             .collect()
     }
 
+    /// The fan-out: `users` registered subscribers (chat ids 500000000, 500000001, …)
+    /// and `supergroups` supergroups (-1001100000001, -1001100000002, …), all bound to the
+    /// stack's mailbox; returns their chat ids, users first.
+    pub fn add_fan_out(&self, users: i64, supergroups: i64) -> Vec<i64> {
+        let mailbox = self.mailbox_row.clone();
+        let mut chats = self.add_subscribers(users, 500_000_000);
+        for k in 1..=supergroups {
+            let chat = -1_001_100_000_000 - k;
+            self.add_group(&format!("Team {k}"), Some(chat), &[&mailbox]);
+            chats.push(chat);
+        }
+        chats
+    }
+
     /// Adds a group row bound to `mailbox_rows`.
     pub fn add_group(&self, name: &str, chat_id: Option<i64>, mailbox_rows: &[&str]) -> String {
         let row = self.seatable.add_row(
