@@ -96,8 +96,9 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(15);
 /// How often the state is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How far ahead of its start the worker takes a row the pacer admitted (the task sleeps the
-/// rest): fewer passes over the outbox, at most a cell or so more in flight.
-const ADMIT_LEAD: Duration = Duration::from_millis(20);
+/// rest). The worker wakes this long before the next row's instant, so the time a pass takes
+/// (an outbox query) never delays a send and the schedule does not drift.
+const ADMIT_LEAD: Duration = Duration::from_millis(25);
 /// How many times a send whose request timed out is tried in all. A timeout after the upload
 /// may mean Telegram delivered it and the answer was lost, so each retry may be a duplicate.
 pub const MAYBE_DELIVERED_ATTEMPTS: u32 = 3;
@@ -293,8 +294,9 @@ impl DeliveryWorker {
                     }
                 }
                 if let Some(ready) = next_ready {
+                    let wake = ready.checked_sub(ADMIT_LEAD).unwrap_or(ready);
                     next_check = next_check
-                        .min(ready.saturating_duration_since(tokio::time::Instant::now()));
+                        .min(wake.saturating_duration_since(tokio::time::Instant::now()));
                 }
                 if let Ok(Some(due)) = self.inner.state.next_due_at().await
                     && let Ok(wait) = due.duration_since(SystemTime::now())

@@ -66,7 +66,9 @@ async fn only_mail_the_receiving_server_authenticated_is_relayed() {
             "Authentication-Results: mx.test.local;\n\tspf=pass smtp.mailfrom=superset@analytics.example.com\n",
         ))
         .await;
-    stack.wait_for_sends(&[ANN], 1, Duration::from_secs(30)).await;
+    stack
+        .wait_for_sends(&[ANN], 1, Duration::from_secs(30))
+        .await;
     // All five acknowledged (four filtered) and the outbox drained: exactly one send.
     let url = format!("http://127.0.0.1:{}/metrics", stack.http_port);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
