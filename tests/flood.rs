@@ -188,3 +188,61 @@ async fn a_report_during_a_seatable_outage_is_delivered_from_the_last_snapshot()
         "the report waited {took:?} for SeaTable instead of using the last snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_upload_leaves_the_slots_to_other_reports() {
+    const SLOW: Duration = Duration::from_secs(5);
+    let stack = Stack::new().await;
+    // One PDF report to ten users, with four slots; its first upload is answered 5 s late.
+    let chats = stack.add_subscribers(10, 700_000_000);
+    stack.telegram.inject(
+        telegram::FaultRule::new(telegram::Fault::Delay(SLOW))
+            .method("sendDocument")
+            .times(1),
+    );
+    // Another mailbox with its own reader.
+    const SECOND: &str = "ops@test.local";
+    const BOB: i64 = 444_555_666;
+    stack.dovecot.add_user(SECOND, "ops-secret").unwrap();
+    let second = stack.seatable.add_row(
+        "mailboxes",
+        serde_json::json!({"Name": "ops", "email": SECOND, "imap_password": "ops-secret"}),
+    );
+    stack.add_user("Bob", Some(BOB), &[&second]);
+    let relay = stack.start(&Tuning {
+        concurrency: 4,
+        ..Tuning::default()
+    });
+    stack.wait_ready(2).await;
+
+    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
+    stack
+        .telegram
+        .wait_for(
+            |calls| calls.iter().any(|c| c.method == "sendDocument"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    let upload_started = Instant::now();
+    stack
+        .dovecot
+        .append(SECOND, "INBOX", &fixture("05_chart_text_table.eml"))
+        .await
+        .unwrap();
+    // Bob's report does not wait for the upload: no slot is held by a send waiting for it.
+    stack.wait_for_sends(&[BOB], 1, WAIT).await;
+    assert!(
+        upload_started.elapsed() < SLOW,
+        "Bob's report waited {:?} for another report's upload",
+        upload_started.elapsed()
+    );
+    // And the PDF still reaches everyone, uploaded once.
+    let calls = stack.wait_for_sends(&chats, 1, WAIT).await;
+    let uploads = ok_sends(&calls)
+        .flat_map(|c| &c.files)
+        .filter(|f| f.is_upload())
+        .count();
+    assert_eq!(uploads, 1);
+    relay.stop().await;
+}

@@ -112,3 +112,57 @@ pub(super) fn recipient_unreachable(description: &str) -> bool {
         || lower.contains("user is deactivated")
         || lower.contains("not enough rights")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A real reqwest error: the server takes the request and never answers.
+    async fn timed_out_request() -> reqwest::Error {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let error = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap()
+            .post(format!("http://{address}/bot123:abc/sendDocument"))
+            .body(vec![0u8; 1024])
+            .send()
+            .await
+            .unwrap_err();
+        server.abort();
+        error
+    }
+
+    #[tokio::test]
+    async fn a_request_that_timed_out_after_it_was_sent_may_have_been_delivered() {
+        let error = RequestError::Network(Arc::new(timed_out_request().await));
+        assert!(
+            matches!(classify(&error), Failure::MaybeDelivered(_)),
+            "{:?}",
+            classify(&error)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_plainly_transient() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let error = reqwest::Client::new()
+            .post(format!("http://{address}/bot123:abc/sendDocument"))
+            .send()
+            .await
+            .unwrap_err();
+        let error = RequestError::Network(Arc::new(error));
+        assert!(matches!(classify(&error), Failure::Transient(_)));
+    }
+}
