@@ -5,8 +5,7 @@
 //! The IDLE test prints Dovecot's own notification delay (append -> EXISTS):
 //! `cargo test --test dovecot_harness -- --nocapture idle`.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use async_imap::extensions::idle::IdleResponse;
 use async_imap::imap_proto::{MailboxDatum, Response, Status};
-use dovecot::{Dovecot, DovecotOptions};
 use futures::TryStreamExt;
+use support::dovecot::{self, Dovecot, DovecotOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

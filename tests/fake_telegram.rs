@@ -5,8 +5,7 @@
 //! Wire-level details (status codes, headers, key order, 5xx) are checked with reqwest, because
 //! teloxide sleeps 10 s on any 5xx answer.
 
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use teloxide::types::{
 };
 use teloxide::{ApiError, RequestError};
 
-use telegram::{
+use support::telegram::{
     BASIC_GROUP_ID, ChatState, ContactCard, FakeConfig, FakeTelegram, Fault, FaultRule, FileKind,
     FileSource, OTHER_USER_ID, Outcome, RateLimits, RateScope, SUPERGROUP_ID, TOKEN, TgChat,
     TgUser, USER_ID, desc, make_png, parse_html, utf16_len, visible_text, visible_text_lenient,

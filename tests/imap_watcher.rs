@@ -5,8 +5,7 @@
 //! latency is printed by `append_while_idle_is_relayed_promptly`:
 //! `cargo test --test imap_watcher -- --nocapture promptly`.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::io::Write as _;
 use std::path::Path;
@@ -14,7 +13,6 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dovecot::{Dovecot, DovecotOptions};
 use report_relay::config::TlsMode;
 use report_relay::imap::{
     Checkpoint, FetchedMessage, ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink,
@@ -22,6 +20,7 @@ use report_relay::imap::{
 };
 use report_relay::metrics::Metrics;
 use secrecy::SecretString;
+use support::dovecot::{Dovecot, DovecotOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::RootCertStore;

@@ -2,22 +2,16 @@
 //! SeaTable and Telegram servers. Updates go in through the fake Bot API; what comes out is the
 //! bot's replies, the SeaTable rows and the relayed reports.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use report_relay::bot::texts;
 use serde_json::{Map, Value, json};
-use stack::{InProcess, Stack, Tuning, fixture};
-use telegram::{Call, ChatState, ContactCard, TgChat, TgUser};
+use support::seatable::FakeSeaTable;
+use support::stack::{InProcess, Stack, Tuning, fixture};
+use support::telegram::{Call, ChatState, ContactCard, TgChat, TgUser};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -160,7 +154,7 @@ fn table(stack: &Stack, table: &str) -> Vec<Map<String, Value>> {
 /// Waits until every key of `expected` has that value in the row; panics with the row.
 async fn expect_cells(stack: &Stack, table: &str, row: &str, expected: Value) {
     let expected = expected.as_object().unwrap().clone();
-    let matches = |s: &seatable::FakeSeaTable| {
+    let matches = |s: &FakeSeaTable| {
         s.row(table, row)
             .is_some_and(|r| expected.iter().all(|(k, v)| r.get(k) == Some(v)))
     };

@@ -1,19 +1,13 @@
 //! The relay end to end: a real Dovecot, the fake SeaTable and Telegram servers, and
 //! `report-relay run` (in process, or the binary for the crash test).
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
 use std::time::Duration;
 
-use stack::{ADDRESS, Stack, Tuning, fixture};
-use telegram::{Fault, FaultRule, FileSource};
+use support::seatable::Outage;
+use support::stack::{ADDRESS, Stack, Tuning, fixture};
+use support::telegram::{Fault, FaultRule, FileSource};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -317,7 +311,7 @@ async fn reports_go_out_while_seatable_is_down_after_start() {
     };
     let relay = stack.start(&tuning);
     stack.wait_ready(1).await;
-    stack.seatable.go_down(seatable::Outage::BadGateway).await;
+    stack.seatable.go_down(Outage::BadGateway).await;
 
     stack.deliver(&fixture("01_chart_png_report.eml")).await;
     stack.wait_for_sends(&[ANN], 1, WAIT).await;
@@ -333,10 +327,7 @@ async fn reports_go_out_when_seatable_is_down_at_start_with_a_persisted_snapshot
     stack.wait_ready(1).await;
     relay.stop().await;
 
-    stack
-        .seatable
-        .go_down(seatable::Outage::ConnectionRefused)
-        .await;
+    stack.seatable.go_down(Outage::ConnectionRefused).await;
     let relay = stack.start(&Tuning::default());
     stack.wait_ready(1).await;
     stack.deliver(&fixture("01_chart_png_report.eml")).await;

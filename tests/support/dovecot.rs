@@ -13,10 +13,9 @@
 //! runs as the current user).
 //!
 //! ```ignore
-//! #[path = "support/dovecot.rs"]
-//! mod dovecot;
+//! mod support;
 //!
-//! let server = dovecot::Dovecot::start().await?;
+//! let server = support::dovecot::Dovecot::start().await?;
 //! server.add_user("reports@test.local", "secret")?;
 //! let uid = server.append("reports@test.local", "INBOX", raw_eml).await?;
 //! let tcp = tokio::net::TcpStream::connect(server.addr()).await?;

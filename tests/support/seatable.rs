@@ -52,7 +52,7 @@
 //! ([`FakeSeaTable::requests`], [`FakeSeaTable::request_log`],
 //! [`FakeSeaTable::wait_for_requests`]) are on the same handle.
 
-// This file is shared by several test crates through `#[path]`; none of them uses every helper.
+// Every test crate compiles this file (`tests/support/mod.rs`); none of them uses every helper.
 #![allow(dead_code)]
 
 use std::cmp::Ordering as CmpOrdering;
