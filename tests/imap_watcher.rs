@@ -20,7 +20,7 @@ use report_relay::imap::{
 };
 use report_relay::metrics::Metrics;
 use secrecy::SecretString;
-use support::dovecot::{Dovecot, DovecotOptions};
+use support::dovecot::{Dovecot, DovecotOptions, PASS, USER, message};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::RootCertStore;
@@ -29,24 +29,8 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument::WithSubscriber;
 
-const USER: &str = "reports@test.local";
-const PASS: &str = "s3cret-Pa55 \"quoted\"";
 /// Deadline of every awaited condition.
 const WAIT: Duration = Duration::from_secs(15);
-
-fn message(subject: &str) -> Vec<u8> {
-    format!(
-        "From: Superset <superset@test.local>\r\n\
-         To: {USER}\r\n\
-         Subject: [Report] {subject}\r\n\
-         Message-ID: <{subject}@test.local>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\
-         \r\n\
-         body of {subject}\r\n"
-    )
-    .into_bytes()
-}
 
 async fn dovecot() -> Dovecot {
     dovecot_with(DovecotOptions::default()).await
