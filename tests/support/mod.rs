@@ -11,6 +11,8 @@
 //! every helper.
 
 pub mod dovecot;
+pub mod imap_script;
 pub mod seatable;
 pub mod stack;
 pub mod telegram;
+pub mod watcher;
