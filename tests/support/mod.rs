@@ -11,6 +11,8 @@
 //! every helper.
 
 pub mod dovecot;
+#[allow(dead_code)]
+pub mod entities;
 pub mod imap_script;
 pub mod seatable;
 pub mod stack;
