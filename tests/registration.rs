@@ -12,8 +12,6 @@ use serde_json::{Map, Value, json};
 use support::seatable::FakeSeaTable;
 use support::stack::{InProcess, Stack, Tuning, fixture};
 use support::telegram::{Call, ChatState, ContactCard, TgChat, TgUser};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// Every wait. Deliberately shorter than the default `cache_ttl_secs` (60 s): a registration
 /// must reach deliveries by refreshing the directory, not by the cache expiring.
@@ -302,41 +300,6 @@ async fn confirmed(stack: &Stack, update_id: i64) {
         .wait_update_confirmed(update_id, WAIT)
         .await
         .unwrap_or_else(|e| panic!("the bot did not confirm update {update_id}: {e}"));
-}
-
-/// The relay started with a hand-edited config (`stack.start` only knows [`Tuning`]).
-struct Relay {
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Relay {
-    fn start_with_country_code(stack: &Stack, code: &str) -> Self {
-        let path = stack.write_config(&Tuning::default());
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replacen(
-            "telegram:\n",
-            &format!("telegram:\n  default_country_code: \"{code}\"\n"),
-            1,
-        );
-        std::fs::write(&path, text).unwrap();
-        let config = report_relay::config::Config::load(&path).unwrap();
-        let stop = CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(report_relay::app::run(config, async move {
-            signal.cancelled().await
-        }));
-        Self { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("the relay stops within 30 s")
-            .expect("the relay task does not panic")
-            .expect("the relay exits cleanly");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,7 +621,10 @@ async fn a_national_number_takes_the_configured_country_code() {
     let stack = Stack::new().await;
     let mailbox = stack.mailbox_row.clone();
     let row = add_person(&stack, "Ann", "(202) 555-0143", None, &[&mailbox]);
-    let relay = Relay::start_with_country_code(&stack, "1");
+    let relay = stack.start(&Tuning {
+        default_country_code: Some("1"),
+        ..Tuning::default()
+    });
     stack.wait_ready(1).await;
     wait_for_bot(&stack).await;
 

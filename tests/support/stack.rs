@@ -42,6 +42,8 @@ pub struct Tuning {
     pub cache_ttl_secs: u64,
     /// `seatable.reload_secs`.
     pub reload_secs: u64,
+    /// `telegram.default_country_code`, when set.
+    pub default_country_code: Option<&'static str>,
 }
 
 impl Default for Tuning {
@@ -53,6 +55,7 @@ impl Default for Tuning {
             concurrency: 16,
             cache_ttl_secs: 60,
             reload_secs: 60,
+            default_country_code: None,
         }
     }
 }
@@ -157,7 +160,7 @@ impl Stack {
         let text = format!(
             r#"
 telegram:
-  bot_token: "{token}"
+{country_code}  bot_token: "{token}"
   api_url: "{api_url}"
   limits:
     global_per_second: {global}
@@ -184,6 +187,10 @@ state:
 http:
   listen: "127.0.0.1:{http_port}"
 "#,
+            country_code = tuning
+                .default_country_code
+                .map(|code| format!("  default_country_code: \"{code}\"\n"))
+                .unwrap_or_default(),
             token = super::telegram::TOKEN,
             api_url = self.telegram.api_url(),
             global = tuning.global_per_second,
