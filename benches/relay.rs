@@ -9,19 +9,13 @@
 //!
 //! Run with `cargo bench --bench relay` (needs Dovecot: `scripts/test-deps.sh`).
 
-#[path = "../tests/support/dovecot.rs"]
-mod dovecot;
-#[path = "../tests/support/seatable.rs"]
-mod seatable;
-#[path = "../tests/support/stack.rs"]
-mod stack;
-#[path = "../tests/support/telegram.rs"]
-mod telegram;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::Duration;
 
-use stack::{ADDRESS, PASSWORD, Stack, Tuning, fixture};
-use telegram::RateLimits;
+use support::stack::{ADDRESS, PASSWORD, Stack, Tuning, fixture};
+use support::telegram::RateLimits;
 use tokio::time::Instant;
 
 const SAMPLES: usize = 40;

@@ -295,8 +295,8 @@ impl DeliveryWorker {
                 }
                 if let Some(ready) = next_ready {
                     let wake = ready.checked_sub(ADMIT_LEAD).unwrap_or(ready);
-                    next_check = next_check
-                        .min(wake.saturating_duration_since(tokio::time::Instant::now()));
+                    next_check =
+                        next_check.min(wake.saturating_duration_since(tokio::time::Instant::now()));
                 }
                 if let Ok(Some(due)) = self.inner.state.next_due_at().await
                     && let Ok(wait) = due.duration_since(SystemTime::now())

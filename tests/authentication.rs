@@ -1,14 +1,9 @@
 //! `reports.require_authentication`: only mail whose topmost `Authentication-Results` header,
 //! from the configured server, says the From domain passed DKIM or SPF is relayed.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
+
+use support::stack;
 
 use std::time::Duration;
 

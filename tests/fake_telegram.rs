@@ -5,8 +5,7 @@
 //! Wire-level details (status codes, headers, key order, 5xx) are checked with reqwest, because
 //! teloxide sleeps 10 s on any 5xx answer.
 
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use teloxide::types::{
 use teloxide::{ApiError, RequestError};
 use tokio::time::Instant;
 
-use telegram::{
+use support::telegram::{
     BASIC_GROUP_ID, ChatState, ContactCard, FakeConfig, FakeTelegram, Fault, FaultRule, FileKind,
     FileSource, FloodControl, OTHER_USER_ID, Outcome, RateLimits, RateScope, SUPERGROUP_ID, TOKEN,
     TgChat, TgUser, USER_ID, desc, make_png, parse_html, utf16_len, visible_text,
@@ -36,9 +35,31 @@ fn unknown(err: &RequestError) -> &str {
     }
 }
 
+/// The Bot API error inside `err` (panics on a network or parse error).
+fn api(err: &RequestError) -> &ApiError {
+    match err {
+        RequestError::Api(api) => api,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// POSTs `body` as JSON to the fake's `method`.
+async fn post_json(
+    fake: &FakeTelegram,
+    method: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(fake.method_url(method))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 fn ann() -> TgUser {
@@ -72,10 +93,7 @@ async fn wrong_token_is_invalid_token() {
     let bot =
         Bot::new("7012345678:AAHwrongwrongwrongwrongwrongwrong123").set_api_url(fake.api_url());
     let err = bot.get_me().await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::InvalidToken)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::InvalidToken);
     assert!(
         fake.calls().is_empty(),
         "unauthorized calls are not methods"
@@ -154,21 +172,16 @@ async fn routing_and_envelope_on_the_wire() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = http
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": USER_ID, "text": "json"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": USER_ID, "text": "json"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
 
     // A 400 error keeps the key order and has no `parameters`.
-    let r = http
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"text": "no chat"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&fake, "sendMessage", serde_json::json!({"text": "no chat"})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(
         r.text().await.unwrap(),
@@ -325,10 +338,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ImageProcessFailed)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ImageProcessFailed);
 
     // A photo id is no document and vice versa; unknown ids are refused.
     let err = bot
@@ -370,10 +380,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::WrongFileIdOrUrl)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::WrongFileIdOrUrl);
 
     // Photo upload limit (TDLib: 10 MiB).
     let big = Bytes::from(vec![0u8; (10 << 20) + 1]);
@@ -386,12 +393,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         "Bad Request: file of size 10485761 bytes is too big for a photo; the maximum size is 10485760 bytes"
     );
     // No photo at all.
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendPhoto"))
-        .json(&serde_json::json!({"chat_id": USER_ID}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&fake, "sendPhoto", serde_json::json!({"chat_id": USER_ID})).await;
     assert_eq!(
         r.text().await.unwrap(),
         format!(
@@ -419,10 +421,7 @@ async fn document_over_the_upload_limit_is_413() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::RequestEntityTooLarge)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::RequestEntityTooLarge);
     let call = &fake.calls_of("sendDocument")[0];
     assert_eq!(call.error_code(), Some(413));
     assert_eq!(call.files[0].bytes.as_ref().map(|b| b.len()), Some(1_001));
@@ -578,19 +577,13 @@ async fn captions_and_texts_are_validated_after_entity_parsing() {
         .send_message(ChatId(USER_ID), "y".repeat(4097))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::MessageIsTooLong)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::MessageIsTooLong);
     let err = bot
         .send_message(ChatId(USER_ID), "<b> </b>")
         .parse_mode(ParseMode::Html)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::MessageTextIsEmpty)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::MessageTextIsEmpty);
 }
 
 #[tokio::test]
@@ -644,12 +637,12 @@ async fn retry_after_through_teloxide_and_on_the_wire() {
     assert_eq!(fake.pending_faults(), 0);
 
     fake.fail_next("sendMessage", Fault::RetryAfter(7));
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": USER_ID, "text": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": USER_ID, "text": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
     assert_eq!(r.headers()["content-type"], "application/json");
@@ -682,12 +675,12 @@ async fn migrate_to_chat_id() {
 
     // One-shot injection, and the exact wire format (only the migrate key).
     fake.inject(FaultRule::new(Fault::MigrateTo(SUPERGROUP_ID)).chat(-555_666_777));
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": -555_666_777i64, "text": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": -555_666_777i64, "text": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     assert_eq!(
         r.text().await.unwrap(),
@@ -703,15 +696,9 @@ async fn chat_states_and_forbidden_errors() {
 
     fake.block_chat(USER_ID);
     let err = bot.send_message(ChatId(USER_ID), "hi").await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotBlocked)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotBlocked);
     let err = bot.send_document(ChatId(USER_ID), pdf()).await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotBlocked)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotBlocked);
     fake.clear_chat_state(USER_ID);
     bot.send_message(ChatId(USER_ID), "hi")
         .await
@@ -722,10 +709,7 @@ async fn chat_states_and_forbidden_errors() {
         .send_document(ChatId(SUPERGROUP_ID), pdf())
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotKickedFromSupergroup)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotKickedFromSupergroup);
     fake.set_chat_state(BASIC_GROUP_ID, ChatState::Kicked);
     let err = bot
         .send_document(ChatId(BASIC_GROUP_ID), pdf())
@@ -749,10 +733,7 @@ async fn chat_states_and_forbidden_errors() {
         .send_message(ChatId(-222_333_444), "x")
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ChatNotFound)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ChatNotFound);
 
     // Scripted one-shot errors on the nth call of a method in a chat.
     fake.inject(
@@ -774,17 +755,14 @@ async fn chat_states_and_forbidden_errors() {
     }
     fake.inject(FaultRule::new(Fault::ChatNotFound).method("sendDocument"));
     let err = bot.send_document(chat, pdf()).await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ChatNotFound)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ChatNotFound);
     fake.inject(FaultRule::new(Fault::NotEnoughRightsDocuments));
     let err = bot.send_document(chat, pdf()).await.unwrap_err();
     assert_eq!(unknown(&err), desc::NO_RIGHTS_DOCUMENTS);
     fake.inject(FaultRule::new(Fault::BotBlocked).always().chat(USER_ID));
     for _ in 0..3 {
         let err = bot.send_message(ChatId(USER_ID), "x").await.unwrap_err();
-        assert!(matches!(err, RequestError::Api(ApiError::BotBlocked)));
+        assert_eq!(api(&err), &ApiError::BotBlocked);
     }
     fake.clear_faults();
     bot.send_message(ChatId(USER_ID), "x")

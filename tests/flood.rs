@@ -7,14 +7,9 @@
 //! - A report during a SeaTable outage goes out from the last snapshot, without waiting for
 //!   SeaTable's retries.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
+
+use support::{seatable, stack, telegram};
 
 use std::time::Duration;
 

@@ -1,14 +1,9 @@
 //! Start-up failures of `report-relay run` that must stop the service with a clear message
 //! and a non-zero exit, not leave it running half-configured.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
+
+use support::{seatable, stack, telegram};
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

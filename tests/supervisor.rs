@@ -1,8 +1,7 @@
 //! The supervisor against a real Dovecot, with an in-memory directory and a sink that panics
 //! once: the panicked watcher is restarted and the message is not lost.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,6 +17,7 @@ use report_relay::metrics::Metrics;
 use report_relay::state::State;
 use report_relay::supervisor::{Supervisor, Watchers};
 use serde_json::json;
+use support::dovecot::Dovecot;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +109,7 @@ async fn wait_until(sink: &PanicOnce, mut done: impl FnMut(&PanicOnce) -> bool) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
-    let server = dovecot::Dovecot::start().await.unwrap();
+    let server = Dovecot::start().await.unwrap();
     server.add_user(ADDRESS, "secret").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(

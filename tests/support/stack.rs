@@ -1,11 +1,9 @@
 //! The whole relay against a real Dovecot and the fake SeaTable and Telegram servers.
 //!
-//! Include next to the other support modules:
 //! ```ignore
-//! #[path = "support/dovecot.rs"] mod dovecot;
-//! #[path = "support/seatable.rs"] mod seatable;
-//! #[path = "support/telegram.rs"] mod telegram;
-//! #[path = "support/stack.rs"] mod stack;
+//! mod support;
+//!
+//! use support::stack::{Stack, Tuning};
 //! ```
 
 #![allow(dead_code)]
@@ -18,9 +16,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dovecot::Dovecot;
-use crate::seatable::FakeSeaTable;
-use crate::telegram::{Call, FakeTelegram};
+use super::dovecot::Dovecot;
+use super::seatable::FakeSeaTable;
+use super::telegram::{Call, FakeTelegram};
 
 /// The mailbox every stack starts with.
 pub const ADDRESS: &str = "reports@test.local";
@@ -44,6 +42,8 @@ pub struct Tuning {
     pub cache_ttl_secs: u64,
     /// `seatable.reload_secs`.
     pub reload_secs: u64,
+    /// `telegram.default_country_code`, when set.
+    pub default_country_code: Option<&'static str>,
 }
 
 impl Default for Tuning {
@@ -55,6 +55,7 @@ impl Default for Tuning {
             concurrency: 16,
             cache_ttl_secs: 60,
             reload_secs: 60,
+            default_country_code: None,
         }
     }
 }
@@ -106,7 +107,7 @@ impl Stack {
             "mailboxes",
             json!({"Name": "reports", "email": ADDRESS, "description": "Sales reports"}),
         );
-        let telegram = FakeTelegram::start(crate::telegram::TOKEN).await;
+        let telegram = FakeTelegram::start(super::telegram::TOKEN).await;
         Self {
             dovecot,
             seatable,
@@ -173,7 +174,7 @@ impl Stack {
         let text = format!(
             r#"
 telegram:
-  bot_token: "{token}"
+{country_code}  bot_token: "{token}"
   api_url: "{api_url}"
   limits:
     global_per_second: {global}
@@ -200,7 +201,11 @@ state:
 http:
   listen: "127.0.0.1:{http_port}"
 "#,
-            token = crate::telegram::TOKEN,
+            country_code = tuning
+                .default_country_code
+                .map(|code| format!("  default_country_code: \"{code}\"\n"))
+                .unwrap_or_default(),
+            token = super::telegram::TOKEN,
             api_url = self.telegram.api_url(),
             global = tuning.global_per_second,
             chat = tuning.chat_per_second,
