@@ -103,6 +103,41 @@ async fn a_message_the_server_never_delivers_is_handed_over_as_failed() {
 }
 
 #[tokio::test]
+async fn fetch_timeouts_are_the_links_fault_and_never_fail_the_message() {
+    let fake = Fake::start(|state| {
+        state.append(b"one");
+        // More timeouts than MAX_FETCH_ATTEMPTS: still not "the server will not deliver it".
+        state.stall_fetches = MAX_FETCH_ATTEMPTS + 1;
+    })
+    .await;
+    let sink = MemorySink::resuming(checkpoint(0));
+    let mut quick = settings(fake.addr.port());
+    quick.timeouts.fetch = Duration::from_millis(200);
+    let running = watch(quick, &sink);
+    sink.wait("the message", |state| state.acked.len() == 1)
+        .await;
+    let message = sink.read(|state| state.acked[0].0.clone());
+    assert_eq!(message.raw, b"one");
+    assert_eq!(message.fetch_error, None);
+    assert!(fake.with(|state| state.connections) > MAX_FETCH_ATTEMPTS);
+    assert!(
+        fake.with(|state| state.commands.iter().any(|c| c.ends_with("(RFC822.SIZE)"))),
+        "the size is asked for before the body"
+    );
+    running.stop().await;
+}
+
+#[test]
+fn the_fetch_timeout_grows_with_the_message_size() {
+    let base = Duration::from_secs(300);
+    assert_eq!(report_relay::imap::fetch_timeout(base, None), base);
+    assert_eq!(
+        report_relay::imap::fetch_timeout(base, Some(48_000_000)),
+        base + Duration::from_secs(1500)
+    );
+}
+
+#[tokio::test]
 async fn a_failing_sink_keeps_the_message_for_the_next_session() {
     let fake = Fake::start(|state| {
         state.append(b"one");

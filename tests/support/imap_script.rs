@@ -64,6 +64,8 @@ pub struct FakeState {
     pub append_at_idle: Vec<Vec<u8>>,
     /// So many `UID FETCH` get a tagged NO.
     pub fail_fetches: u32,
+    /// So many body fetches are never answered (a link too slow for the timeout).
+    pub stall_fetches: u32,
     /// Never answer DONE (a link that died mid-IDLE).
     pub ignore_done: bool,
     pub commands: Vec<String>,
@@ -83,6 +85,7 @@ impl Default for FakeState {
             append_at_idle: Vec::new(),
             fail_fetches: 0,
             ignore_done: false,
+            stall_fetches: 0,
             commands: Vec::new(),
             connections: 0,
         }
@@ -241,9 +244,34 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
                 );
                 out.extend(b"\r\n");
             }
+            "UID" if upper.starts_with("UID FETCH ") && upper.ends_with("(RFC822.SIZE)") => {
+                let state = shared.state.lock().unwrap();
+                let uid: u32 = upper.split(' ').nth(2).unwrap().parse().unwrap();
+                if let Some(position) = state.messages.iter().position(|(u, _)| *u == uid) {
+                    let size = state.messages[position].1.len();
+                    out.extend(
+                        format!(
+                            "* {} FETCH (UID {uid} RFC822.SIZE {size})\r\n",
+                            position + 1
+                        )
+                        .bytes(),
+                    );
+                }
+            }
             "UID" if upper.starts_with("UID FETCH ") => {
-                let mut state = shared.state.lock().unwrap();
                 assert!(upper.contains("BODY.PEEK[]"), "{line}");
+                let stall = {
+                    let mut state = shared.state.lock().unwrap();
+                    let stall = state.stall_fetches > 0;
+                    state.stall_fetches = state.stall_fetches.saturating_sub(1);
+                    stall
+                };
+                if stall {
+                    // Never answer; the client gives up and reconnects.
+                    while lines.recv().await.is_some() {}
+                    return Ok(());
+                }
+                let mut state = shared.state.lock().unwrap();
                 let uid: u32 = upper.split(' ').nth(2).unwrap().parse().unwrap();
                 if state.fail_fetches > 0 {
                     state.fail_fetches -= 1;
