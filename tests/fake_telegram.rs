@@ -1282,16 +1282,21 @@ fn the_minimum_span_follows_the_global_window() {
 
 // ----- strict limits: through the server --------------------------------------------------
 
-#[tokio::test]
-async fn strict_limits_answer_the_servers_429_envelope() {
-    let fake = FakeTelegram::start_with(
+/// A fake enforcing Telegram's real limits.
+async fn strict_fake() -> FakeTelegram {
+    FakeTelegram::start_with(
         TOKEN,
         FakeConfig {
             rate_limits: Some(RateLimits::telegram()),
             ..FakeConfig::default()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn strict_limits_answer_the_servers_429_envelope() {
+    let fake = strict_fake().await;
     let http = reqwest::Client::new();
     let send = || {
         http.post(fake.method_url("sendMessage"))
@@ -1327,14 +1332,7 @@ async fn strict_limits_answer_the_servers_429_envelope() {
 async fn a_sender_that_keeps_every_window_gets_no_429_over_http() {
     // Bursts of 30 concurrent sends, each a window after the previous one was answered (so a
     // window after it arrived, whatever the way to the server took).
-    let fake = FakeTelegram::start_with(
-        TOKEN,
-        FakeConfig {
-            rate_limits: Some(RateLimits::telegram()),
-            ..FakeConfig::default()
-        },
-    )
-    .await;
+    let fake = strict_fake().await;
     let bot = fake.bot();
     let mut answered = Instant::now() - Duration::from_secs(1);
     for burst in 0..3i64 {

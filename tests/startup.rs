@@ -138,22 +138,14 @@ async fn after_a_start_from_the_persisted_snapshot_no_write_goes_before_the_sche
         .wait_for_sends(&[ann], 1, Duration::from_secs(30))
         .await;
     // ...but once SeaTable answers, /readyz names what is missing and nothing is written.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        if let Some((503, body)) = stack.readyz().await
-            && body["schema_problem"]
-                .as_str()
-                .is_some_and(|p| p.contains("last_uid"))
-        {
-            break body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            stack.readyz().await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let body = stack
+        .wait_readyz("the missing column in /readyz", |status, body| {
+            status == 503
+                && body["schema_problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("last_uid"))
+        })
+        .await;
     assert_eq!(body["ready"], false);
     relay.stop().await;
     assert_eq!(
@@ -174,15 +166,7 @@ async fn sighup_reloads_the_config_and_a_broken_one_is_refused() {
     );
     assert_ne!(good, wrong);
     std::fs::write(&path, &wrong).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_report-relay"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = stack.spawn_with_config(&path);
     let hangup = |pid: u32| {
         let status = Command::new("kill")
             .args(["-HUP", &pid.to_string()])
@@ -190,31 +174,13 @@ async fn sighup_reloads_the_config_and_a_broken_one_is_refused() {
             .unwrap();
         assert!(status.success());
     };
-    let wait_for = |what: &'static str, check: fn(&serde_json::Value) -> bool| {
-        let stack = &stack;
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some((_, body)) = stack.readyz().await
-                    && check(&body)
-                {
-                    return;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{what}: {:?}",
-                    stack.readyz().await
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    wait_for("a login failure", |body| {
-        body["mailboxes"][0]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("authentication failed"))
-    })
-    .await;
+    stack
+        .wait_readyz("a login failure", |_, body| {
+            body["mailboxes"][0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authentication failed"))
+        })
+        .await;
 
     // A config that does not load is refused; the relay runs on.
     std::fs::write(&path, "telegram: [this is not a config").unwrap();

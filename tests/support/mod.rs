@@ -10,6 +10,7 @@
 //! A crate compiles every module; each carries `#![allow(dead_code)]` because no crate uses
 //! every helper.
 
+pub mod directory;
 pub mod dovecot;
 #[allow(dead_code)]
 pub mod entities;

@@ -239,10 +239,14 @@ http:
 
     /// Runs the relay binary (`report-relay run`) as a child process.
     pub fn spawn_binary(&self, tuning: &Tuning) -> Child {
-        let path = self.write_config(tuning);
+        self.spawn_with_config(&self.write_config(tuning))
+    }
+
+    /// Runs `report-relay run --config path` as a child process (stderr goes to the test's).
+    pub fn spawn_with_config(&self, path: &Path) -> Child {
         Command::new(env!("CARGO_BIN_EXE_report-relay"))
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(path)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -259,49 +263,49 @@ http:
         Some((status, response.json().await.ok()?))
     }
 
-    /// Waits until /readyz answers 200 and lists `mailboxes` mailboxes, each caught up.
-    pub async fn wait_ready(&self, mailboxes: usize) {
+    /// Waits up to 60 s until /readyz answers so that `check(status, body)` holds; returns the
+    /// body. Panics naming `what` and the last answer.
+    pub async fn wait_readyz(&self, what: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some((200, body)) = self.readyz().await
-                && body["mailboxes"].as_array().map(Vec::len) == Some(mailboxes)
+            if let Some((status, body)) = self.readyz().await
+                && check(status, &body)
             {
-                return;
+                return body;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the relay did not become ready: {:?}",
+                "{what}: {:?}",
                 self.readyz().await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
+    /// Waits until /readyz answers 200 and lists `mailboxes` mailboxes, each caught up.
+    pub async fn wait_ready(&self, mailboxes: usize) {
+        self.wait_readyz("the relay did not become ready", |status, body| {
+            status == 200 && body["mailboxes"].as_array().map(Vec::len) == Some(mailboxes)
+        })
+        .await;
+    }
+
     /// Waits until every mailbox in /readyz has completed a catch-up after `since` (e.g. after a
     /// reconnect).
     pub async fn wait_caught_up_since(&self, since: std::time::SystemTime) {
         let since: chrono::DateTime<chrono::Utc> = since.into();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((_, body)) = self.readyz().await
-                && let Some(mailboxes) = body["mailboxes"].as_array()
-                && !mailboxes.is_empty()
-                && mailboxes.iter().all(|m| {
-                    m["last_catch_up"]
-                        .as_str()
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                        .is_some_and(|t| t > since)
-                })
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no catch-up after the given time: {:?}",
-                self.readyz().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_readyz("no catch-up after the given time", |_, body| {
+            body["mailboxes"].as_array().is_some_and(|mailboxes| {
+                !mailboxes.is_empty()
+                    && mailboxes.iter().all(|m| {
+                        m["last_catch_up"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .is_some_and(|t| t > since)
+                    })
+            })
+        })
+        .await;
     }
 
     /// Delivers a message to the mailbox (IMAP APPEND); returns its UID.
