@@ -918,6 +918,31 @@ async fn a_number_not_on_the_list_is_refused_and_nothing_is_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_numbers_never_match_a_russian_row_through_national_rules() {
+    // Telegram sends +47 41 23 45 67 (Norway) as 4741234567 and +84 91 234 56 78 (Vietnam) as
+    // 84912345678; read with the SeaTable rules for national numbers they would be
+    // +7 474 123-45-67 and +7 491 234-56-78, other people's rows. The Norwegian number
+    // registers only its own row; the Vietnamese one, without a row, nobody.
+    let session = Case {
+        rows: vec![
+            person("Ivan", "+7 474 123-45-67", None),
+            person("Dan", "8 491 234 56 78", None),
+            person("Ola", "+47 41 23 45 67", None),
+        ],
+        event: contact(ann(), "4741234567"),
+        reply: registered(&[SALES]),
+        writes: vec![("Ola", registered_person("Ola", "+47 41 23 45 67", ANN))],
+    }
+    .run()
+    .await;
+    let not_on_list = says(texts::NOT_ON_LIST);
+    session
+        .exchange(&contact(bob(), "84912345678"), &not_on_list, &[])
+        .await;
+    session.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rows_with_the_same_number_both_get_the_id() {
     check(Case {
         rows: vec![
