@@ -3,23 +3,19 @@
 //!
 //! 1. Dovecot's own notification delay: APPEND → the IDLE wake of a plain async-imap client;
 //! 2. append-to-send latency through the whole relay: APPEND → Telegram receiving the send;
-//! 3. the fan-out time of one report to 100 recipients with Telegram's default limits, against
-//!    the minimum those limits allow.
+//! 3. the fan-out of one report to 123 recipients (120 users, 3 supergroups) against the fake
+//!    Telegram enforcing Telegram's limits over every sliding window: the first-to-last span,
+//!    the minimum those windows allow, their ratio and the number of 429s, side by side.
 //!
 //! Run with `cargo bench --bench relay` (needs Dovecot: `scripts/test-deps.sh`).
 
-#[path = "../tests/support/dovecot.rs"]
-mod dovecot;
-#[path = "../tests/support/seatable.rs"]
-mod seatable;
-#[path = "../tests/support/stack.rs"]
-mod stack;
-#[path = "../tests/support/telegram.rs"]
-mod telegram;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::Duration;
 
-use stack::{ADDRESS, PASSWORD, Stack, Tuning, fixture};
+use support::stack::{ADDRESS, PASSWORD, Stack, Tuning, fixture};
+use support::telegram::RateLimits;
 use tokio::time::Instant;
 
 const SAMPLES: usize = 40;
@@ -121,9 +117,12 @@ fn main() {
         );
         relay.stop().await;
 
-        // 3: fan-out of one PDF report to 100 recipients with Telegram's documented limits.
+        // 3: fan-out of one PDF report to 120 users and 3 supergroups, against the fake in
+        // strict-limits mode: Telegram's limits over every sliding window.
         let stack = Stack::new().await;
-        let chats = stack.add_subscribers(100, 500_000_000);
+        let limits = RateLimits::telegram();
+        stack.telegram.set_rate_limits(Some(limits.clone()));
+        let chats = stack.add_fan_out(120, 3);
         let tuning = Tuning::default();
         let relay = stack.start(&tuning);
         stack.wait_ready(1).await;
@@ -133,31 +132,29 @@ fn main() {
             .wait_for_sends(&chats, 1, Duration::from_secs(120))
             .await;
         let sends: Vec<_> = calls.iter().filter(|c| c.is_send() && c.is_ok()).collect();
-        let first = sends.iter().map(|c| c.received_at).min().unwrap();
         let last = sends.iter().map(|c| c.received_at).max().unwrap();
         let uploads = sends
             .iter()
             .flat_map(|c| &c.files)
             .filter(|f| f.is_upload())
             .count();
-        // governor's quota of N per second allows a burst of N, then one every 1/N s.
-        let rate = f64::from(tuning.global_per_second);
-        let minimum = (chats.len() as f64 - rate).max(0.0) / rate;
+        let span = stack.telegram.ok_send_span(&chats);
+        let minimum = limits.min_span(chats.len() as u32);
         println!(
-            "fan-out of one PDF to {} recipients (global {}/s, chat {}/s): \
-             first-to-last send {:.2} s, append-to-last {:.2} s; \
-             minimum the limits allow {:.2} s (burst of {} then 1 every {:.0} ms), {:.2} s at a strict {}/s; \
-             uploads {}, file_id sends {}",
+            "fan-out of one PDF to {} chats (120 users, 3 supergroups; relay limits global {}/s, \
+             chat {}/s, group {}/min; fake: 30 in any 1 s, 1 request per chat in any 1 s, \
+             20 per group in any 60 s): first-to-last send {:.3} s, minimum the sliding windows \
+             allow {:.3} s, ratio {:.3}, 429s {}; append-to-last {:.2} s; uploads {}, file_id \
+             sends {}",
             chats.len(),
             tuning.global_per_second,
             tuning.chat_per_second,
-            (last - first).as_secs_f64(),
+            tuning.group_per_minute,
+            span.as_secs_f64(),
+            minimum.as_secs_f64(),
+            span.as_secs_f64() / minimum.as_secs_f64(),
+            stack.telegram.rate_violations().len(),
             (last - started).as_secs_f64(),
-            minimum,
-            tuning.global_per_second,
-            1000.0 / rate,
-            (chats.len() as f64 - 1.0) / rate,
-            tuning.global_per_second,
             uploads,
             sends.len() - uploads,
         );

@@ -14,14 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, TableNames};
+use crate::config::Config;
 use crate::delivery::{DeliverySettings, DeliveryWorker, sending_bot};
 use crate::directory::{
     ChatStatuses, Directory, DirectoryBackend, LastUidWriter, Migrations, SeaTableBackend,
     SnapshotSource,
 };
 use crate::metrics::Metrics;
-use crate::relay::{Incoming, Relay, RelaySettings};
+use crate::relay::{Handles, Incoming, Relay, RelaySettings};
 use crate::schema::Schema;
 use crate::seatable::SeaTableClient;
 use crate::state::State;
@@ -49,34 +49,10 @@ fn seatable_client(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Sea
     )?)
 }
 
-/// Checks that the base has every table and column the relay writes (SeaTable silently ignores
-/// unknown column names on writes).
-///
-/// # Errors
-/// One line per missing table or column, e.g. `table users has no column id_telegram`; or
-/// SeaTable could not be reached.
-pub async fn check_schema(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<()> {
-    let metadata = client.metadata().await?;
-    let missing = Schema::bundled()
-        .with_table_names(tables)
-        .missing(&metadata);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "the SeaTable base lacks what the relay needs ({}); run `report-relay schema apply`",
-            missing.join("; ")
-        )
-    }
-}
-
 /// The pieces shared by `run` and `replay --mailbox`.
 struct Core {
-    state: State,
-    metrics: Arc<Metrics>,
-    directory: Arc<Directory>,
+    handles: Handles,
     backend: Arc<SeaTableBackend>,
-    statuses: Arc<ChatStatuses>,
     migrations: Arc<Migrations>,
 }
 
@@ -93,11 +69,13 @@ async fn core(config: &Config) -> anyhow::Result<Core> {
     let statuses = ChatStatuses::load(state.clone()).await?;
     let migrations = Migrations::new(directory.clone(), state.clone(), statuses.clone());
     Ok(Core {
-        state,
-        metrics,
-        directory,
+        handles: Handles {
+            state,
+            directory,
+            statuses,
+            metrics,
+        },
         backend,
-        statuses,
         migrations,
     })
 }
@@ -127,27 +105,46 @@ fn delivery_worker(
     ))
 }
 
-/// `report-relay run`: the service, until `shutdown` resolves.
+/// `report-relay run`: the service, until `shutdown` resolves, with the config it was given.
 ///
 /// # Errors
 /// A fatal start-up error: the state cannot be opened, the HTTP address cannot be bound, or
 /// SeaTable answers but lacks a required table or column.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_reloading(config, None, shutdown).await
+}
+
+/// [`run`], re-reading `config_path` on every SIGHUP: the `imap` section applies at once
+/// (watchers whose connection settings changed restart); a change elsewhere is logged as
+/// needing a restart; a config that does not load keeps the running one, with an ERROR.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloading(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let (config_updates, config_changes) = tokio::sync::watch::channel(config.clone());
     let Core {
-        state,
-        metrics,
-        directory,
+        handles,
         backend,
-        statuses,
         migrations,
     } = core(&config).await?;
+    let Handles {
+        state,
+        directory,
+        statuses,
+        metrics,
+    } = handles.clone();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
     let watchers = Watchers::new(directory.clone(), config.imap.idle_renew_secs);
+    let listener = crate::http::bind(config.http.listen).await?;
     let http = tokio::spawn(crate::http::serve(
-        config.http.listen,
+        listener,
         watchers.clone(),
         metrics.clone(),
         cancel.clone(),
@@ -167,7 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Ok(SnapshotSource::SeaTable) => {
                 // SeaTable answers: it must have every column the relay writes, because it
                 // silently ignores unknown column names on writes.
-                if let Err(error) = check_schema(backend.client(), &config.seatable.tables).await {
+                if let Err(error) = backend.verify_schema().await {
                     cancel.cancel();
                     let _ = http.await;
                     return Err(error);
@@ -202,12 +199,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracker.spawn(last_uid.clone().run(cancel.clone()));
 
     let relay = Arc::new(Relay::new(
-        state.clone(),
-        directory.clone(),
-        statuses.clone(),
+        handles,
         RelaySettings::new(&config),
         wake,
-        metrics.clone(),
         Some(last_uid),
     ));
     let registrar = crate::bot::Registrar::new(
@@ -225,8 +219,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         relay,
         metrics.clone(),
         watchers,
-    );
+    )
+    .reloading(config_changes);
     tracker.spawn(supervisor.run(cancel.clone(), SHUTDOWN_GRACE / 2));
+    if let Some(path) = config_path {
+        tracker.spawn(reload_on_sighup(path, config_updates, cancel.clone()));
+    }
     tracker.close();
     info!("report-relay is running.");
 
@@ -242,6 +240,66 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = http.await;
     info!("Stopped.");
     Ok(())
+}
+
+/// Re-reads the config file at every SIGHUP until `cancel` fires and publishes it when it loads.
+async fn reload_on_sighup(
+    path: PathBuf,
+    updates: tokio::sync::watch::Sender<Arc<Config>>,
+    cancel: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGHUP; the config is not reloaded.");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match Config::load(&path) {
+            Ok(new) => {
+                let old = updates.borrow().clone();
+                let restart_only = restart_only_changes(&old, &new);
+                if !restart_only.is_empty() {
+                    warn!(
+                        sections = restart_only.join(", "),
+                        "The config changed where a reload cannot apply it; restart the relay for that."
+                    );
+                }
+                info!(config = %path.display(), "Reloaded the config on SIGHUP; the imap settings apply now.");
+                updates.send_replace(Arc::new(new));
+            }
+            Err(error) => error!(
+                config = %path.display(),
+                error = format!("{error:#}"),
+                "Cannot reload the config on SIGHUP; keeping the running one."
+            ),
+        }
+    }
+}
+
+/// The sections of the config outside `imap` that differ (they take effect after a restart).
+/// Compared by their `Debug` text, in which secrets are redacted: a changed token alone is not
+/// noticed.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    [
+        ("telegram", differs(&old.telegram, &new.telegram)),
+        ("seatable", differs(&old.seatable, &new.seatable)),
+        ("reports", differs(&old.reports, &new.reports)),
+        ("delivery", differs(&old.delivery, &new.delivery)),
+        ("state", differs(&old.state, &new.state)),
+        ("http", differs(&old.http, &new.http)),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// Resolves at the first SIGTERM or SIGINT; a second signal exits the process at once.
@@ -270,9 +328,11 @@ async fn wait_for_signal() {
     }
 }
 
-/// `report-relay replay EML... --mailbox ADDRESS`: relays the files for real as if they had
-/// arrived in that mailbox, keyed by content hash (running it twice sends nothing twice).
-/// Returns whether every recipient got every file.
+/// `report-relay replay EML... --mailbox ADDRESS [--timeout SECS]`: relays the files for real
+/// as if they had arrived in that mailbox, keyed by content hash (running it twice, or on a
+/// mail IMAP already relayed, sends nothing twice). Waits for the sends of these files only,
+/// at most `timeout`; what is still pending then stays in the outbox for `run`. Returns whether
+/// every recipient got every file within the timeout.
 ///
 /// # Errors
 /// The state, SeaTable or Telegram could not be used at all.
@@ -280,15 +340,19 @@ pub async fn replay_to_mailbox(
     config: Config,
     files: Vec<PathBuf>,
     mailbox: String,
+    timeout: Duration,
 ) -> anyhow::Result<bool> {
     let Core {
-        state,
-        metrics,
-        directory,
-        statuses,
+        handles,
         migrations,
         ..
     } = core(&config).await?;
+    let Handles {
+        state,
+        directory,
+        metrics,
+        ..
+    } = handles.clone();
     directory
         .load()
         .await
@@ -298,17 +362,9 @@ pub async fn replay_to_mailbox(
         anyhow::bail!("no mailbox row has the address {mailbox}");
     }
     let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
-    let relay = Relay::new(
-        state.clone(),
-        directory.clone(),
-        statuses,
-        RelaySettings::new(&config),
-        wake,
-        metrics,
-        None,
-    );
+    let relay = Relay::new(handles, RelaySettings::new(&config), wake, None);
     let mut all_ok = true;
-    let started = std::time::SystemTime::now();
+    let mut message_ids = Vec::new();
     for path in &files {
         let raw = match std::fs::read(path) {
             Ok(raw) => raw,
@@ -340,33 +396,35 @@ pub async fn replay_to_mailbox(
         if relayed.outcome == crate::state::MessageOutcome::Failed {
             all_ok = false;
         }
+        message_ids.extend(relayed.message_id);
     }
-    // Drain the outbox, then stop.
+    // Deliver these files' sends (the worker takes the whole outbox in order), then stop.
     let cancel = CancellationToken::new();
     let worker = tokio::spawn(worker.run(cancel.clone()));
-    loop {
-        let pending = state.pending_count().await?;
-        if pending == 0 {
-            break;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let counts = loop {
+        let counts = state.send_counts(message_ids.clone()).await?;
+        if counts.pending == 0 {
+            break counts;
         }
-        let next = state.next_due_at().await?;
-        if let Some(next) = next
-            && next
-                .duration_since(std::time::SystemTime::now())
-                .is_ok_and(|d| d > Duration::from_secs(600))
-        {
+        if tokio::time::Instant::now() >= deadline {
             warn!(
-                pending,
-                "Some sends wait longer than 10 minutes; they stay in the outbox for `run`."
+                pending = counts.pending,
+                timeout_secs = timeout.as_secs(),
+                "Sends of the replayed files are still pending after --timeout; they stay in the outbox and go out with `run`."
             );
             all_ok = false;
-            break;
+            break counts;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     cancel.cancel();
     let _ = worker.await;
-    if state.failed_sends_since(started).await? > 0 {
+    if counts.failed > 0 {
+        warn!(
+            failed = counts.failed,
+            "Some sends of the replayed files failed."
+        );
         all_ok = false;
     }
     Ok(all_ok)
@@ -406,7 +464,7 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 ok: true,
                 text: format!("seatable: logged in to {}", config.seatable.server_url),
             });
-            match check_schema(&client, &config.seatable.tables).await {
+            match crate::schema::check(&client, &config.seatable.tables).await {
                 Ok(()) => lines.push(CheckLine {
                     ok: true,
                     text: "seatable: every table and column the relay needs exists".into(),

@@ -31,7 +31,7 @@ use teloxide::utils::command::BotCommands;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::directory::{ChatStatuses, Directory, Group, Migrations, Snapshot};
+use crate::directory::{ChatStatuses, Directory, Group, Migrations, Snapshot, User};
 
 /// How long a promotion from a supergroup waits for the migration message of its basic group
 /// (they arrive as separate updates, possibly handled concurrently).
@@ -68,6 +68,31 @@ pub fn normalize_phone(raw: &str, default_country_code: &str) -> Option<String> 
         }
     }
     (digits.len() >= 7).then_some(digits)
+}
+
+/// The digits of a phone number as Telegram sends it in a shared contact
+/// (`Contact.phone_number`): already international, with or without a leading `+`, so no
+/// national rule applies (`4741234567` is a Norwegian number, not a Russian one missing its 7).
+/// Returns `None` when fewer than 7 digits remain.
+pub fn telegram_phone_digits(raw: &str) -> Option<String> {
+    let digits: String = raw.chars().filter(char::is_ascii_digit).collect();
+    (digits.len() >= 7).then_some(digits)
+}
+
+/// The users rows whose `phone` (as sysadmins type it, normalised with
+/// `default_country_code`) is the number of a shared Telegram contact.
+pub fn users_with_phone<'a>(
+    users: &'a [User],
+    telegram_phone: &str,
+    default_country_code: &str,
+) -> Vec<&'a User> {
+    let Some(digits) = telegram_phone_digits(telegram_phone) else {
+        return Vec::new();
+    };
+    users
+        .iter()
+        .filter(|u| normalize_phone(&u.phone, default_country_code).as_deref() == Some(&*digits))
+        .collect()
 }
 
 /// Trims a group title and collapses its inner whitespace (the comparison stays
@@ -214,22 +239,19 @@ impl Registrar {
             return Ok(());
         }
         let id = chat.0;
-        let Some(phone) = normalize_phone(&contact.phone_number, &self.default_country_code) else {
+        if telegram_phone_digits(&contact.phone_number).is_none() {
             bot.send_message(chat, texts::NOT_ON_LIST).await?;
             return Ok(());
-        };
+        }
         let _claims = self.claims.lock().await;
         let Some(snapshot) = self.fresh_snapshot(bot, chat).await? else {
             return Ok(());
         };
-        let rows: Vec<_> = snapshot
-            .users
-            .iter()
-            .filter(|u| {
-                normalize_phone(&u.phone, &self.default_country_code).as_deref()
-                    == Some(phone.as_str())
-            })
-            .collect();
+        let rows = users_with_phone(
+            &snapshot.users,
+            &contact.phone_number,
+            &self.default_country_code,
+        );
         if rows.is_empty() {
             info!(chat_id = id, "A shared phone number matches no user row.");
             bot.send_message(chat, texts::NOT_ON_LIST).await?;
@@ -543,6 +565,44 @@ pub async fn run(bot: Bot, registrar: Arc<Registrar>, cancel: CancellationToken)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telegram_numbers_are_international_as_they_come() {
+        let user = |row_id: &str, phone: &str| User {
+            row_id: row_id.into(),
+            name: row_id.into(),
+            phone: phone.into(),
+            mailbox_ids: Vec::new(),
+            telegram_id: None,
+        };
+        let users = [
+            user("ru-474", "+7 474 123-45-67"),
+            user("ru-491", "8 491 234 56 78"),
+            user("no", "+47 41 23 45 67"),
+            user("vn", "+84 91 234 56 78"),
+            user("ru-999", "8 (999) 123-45-67"),
+        ];
+        let rows = |phone: &str| -> Vec<String> {
+            users_with_phone(&users, phone, "7")
+                .iter()
+                .map(|u| u.row_id.clone())
+                .collect()
+        };
+        // Norway (+47, 10 digits) and Vietnam (+84, 11 digits starting with 8) look like
+        // national Russian numbers to the SeaTable rules; Telegram's digits are taken as they
+        // are, so each matches its own row only.
+        assert_eq!(rows("4741234567"), ["no"]);
+        assert_eq!(rows("+4741234567"), ["no"]);
+        assert_eq!(rows("84912345678"), ["vn"]);
+        assert_eq!(rows("74741234567"), ["ru-474"]);
+        assert_eq!(rows("74912345678"), ["ru-491"]);
+        assert_eq!(rows("+79991234567"), ["ru-999"]);
+        assert!(
+            rows("89991234567").is_empty(),
+            "Telegram never sends a trunk prefix"
+        );
+        assert!(rows("123").is_empty());
+    }
 
     #[test]
     fn phone_numbers_normalise_to_e164_digits() {

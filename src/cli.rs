@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -83,6 +84,10 @@ pub struct ReplayArgs {
     /// content hash, so running it twice does not send twice).
     #[arg(long, value_name = "ADDRESS", requires = "config")]
     pub mailbox: Option<String>,
+    /// With --mailbox: how long to wait for the sends of these files, in seconds; what is still
+    /// pending then stays in the outbox for `run` (exit status 1).
+    #[arg(long, value_name = "SECS", default_value_t = 600, requires = "mailbox")]
+    pub timeout: u64,
     /// Print JSON Lines, one object per file.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
@@ -129,7 +134,11 @@ impl Cli {
             Command::Replay(args) => replay_command(args),
             Command::Run(args) => {
                 let config = Config::load(&args.config)?;
-                runtime()?.block_on(crate::app::run(config, crate::app::shutdown_signal()))?;
+                runtime()?.block_on(crate::app::run_reloading(
+                    config,
+                    Some(args.config.clone()),
+                    crate::app::shutdown_signal(),
+                ))?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Check(args) => {
@@ -194,8 +203,12 @@ fn replay_command(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .config
             .context("replay --mailbox needs --config (or REPORT_RELAY_CONFIG)")?;
         let config = Config::load(&path)?;
-        let all_ok =
-            runtime()?.block_on(crate::app::replay_to_mailbox(config, args.files, mailbox))?;
+        let all_ok = runtime()?.block_on(crate::app::replay_to_mailbox(
+            config,
+            args.files,
+            mailbox,
+            Duration::from_secs(args.timeout),
+        ))?;
         return Ok(if all_ok {
             ExitCode::SUCCESS
         } else {

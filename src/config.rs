@@ -360,6 +360,20 @@ pub struct ReportsConfig {
     #[serde_as(as = "DisplayFromStr")]
     #[serde(default)]
     pub forward_errors: bool,
+    /// Relay only mail the receiving MTA authenticated (`Authentication-Results`, RFC 8601);
+    /// off when absent.
+    #[serde(default)]
+    pub require_authentication: Option<RequireAuthentication>,
+}
+
+/// `reports.require_authentication`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireAuthentication {
+    /// The authserv-id of the MTA that receives the reports (the first word of the
+    /// `Authentication-Results` headers it adds, e.g. `mx.example.com`). Only the topmost
+    /// header, and only with this id, is trusted.
+    pub authserv_id: String,
 }
 
 impl Default for ReportsConfig {
@@ -367,6 +381,7 @@ impl Default for ReportsConfig {
         Self {
             subject_prefixes: default_subject_prefixes(),
             forward_errors: false,
+            require_authentication: None,
         }
     }
 }
@@ -633,6 +648,15 @@ impl Config {
             return Err((
                 "imap.auth",
                 "xoauth2 is reserved for OAuth2 and not implemented yet; use password".into(),
+            ));
+        }
+        if let Some(required) = &self.reports.require_authentication
+            && (required.authserv_id.trim().is_empty()
+                || required.authserv_id.contains(char::is_whitespace))
+        {
+            return Err((
+                "reports.require_authentication.authserv_id",
+                "must be the MTA's authserv-id, one word such as mx.example.com".into(),
             ));
         }
         if self.reports.subject_prefixes.iter().any(|p| p.is_empty()) {

@@ -2,23 +2,30 @@
 //!
 //! - **Order:** a chat gets its sends one at a time, in outbox order; different chats are sent to
 //!   concurrently, up to `delivery.concurrency` in flight.
-//! - **Limits** (Bots FAQ, "My bot is hitting limits"): governor limiters for the global rate per
-//!   second, each chat's rate per second, and each group's rate per minute as one cell per
-//!   `60 / group_per_minute` seconds with a burst of 1 (a plain per-minute quota would allow a
-//!   burst of 20). An album of N takes N cells, one by one.
+//! - **Limits** (Bots FAQ, "My bot is hitting limits"): the [`Pacer`] spaces sends so that
+//!   every sliding window keeps `telegram.limits`. A row is taken from the outbox only when the
+//!   pacer admits it, so no task holds a claimed row while it waits, and what is in flight is
+//!   about `global_per_second × round-trip` (the most a `kill -9` can make Telegram repeat).
 //! - **Uploads:** each file is uploaded once; the `file_id` Telegram returns is stored in the
 //!   state and used for every later recipient, also after a restart (Bot API "Sending files").
-//!   Concurrent first sends of one file wait for the single upload.
+//!   While a file's first send is in flight, other rows needing that file stay in the outbox
+//!   and leave the slots to other reports; a timed-out upload may have been delivered, so it is
+//!   retried at most [`MAYBE_DELIVERED_ATTEMPTS`] times.
 //! - **Errors** (Bot API error descriptions, `telegram-bot-api` `Client.cpp`): 429 waits
-//!   `retry_after` for that chat only; a group upgraded to a supergroup is re-sent to
+//!   `retry_after` for that chat and pauses the others for a moment; a group upgraded to a supergroup is re-sent to
 //!   `migrate_to_chat_id` at once and the directory is told; blocked, kicked, not a member,
 //!   chat not found and missing rights fail that recipient for good;
 //!   `PHOTO_INVALID_DIMENSIONS` resends as a document; 5xx and network errors retry with
 //!   jittered backoff until `delivery.give_up_after_secs`, then the send is marked failed and
 //!   logged at ERROR.
+//! - **Albums** are all or nothing, so a failed `sendMediaGroup` is sent again whole: TDLib
+//!   sends an album as one `messages.sendMultiMedia`; when one item fails, the others fail with
+//!   "Group send failed", the Bot API deletes each failed message and answers with one error
+//!   (`telegram-bot-api` `Client::on_message_send_failed`). The `#k` in `Failed to send message
+//!   #k` counts the answers before that error, not delivered items.
 //! - **Crash safety:** a row is marked done the moment Telegram accepts it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -45,7 +52,7 @@ mod classify;
 mod limits;
 
 pub use self::classify::{Failure, classify, classify_description};
-pub use self::limits::Limiters;
+pub use self::limits::Pacer;
 
 use self::classify::recipient_unreachable;
 
@@ -69,8 +76,9 @@ pub fn sending_bot(
     api_url: &str,
     max_upload_bytes: u64,
 ) -> anyhow::Result<Bot> {
-    // Assume at least 1 MB/s to Telegram, plus a minute for the reply.
-    let total = Duration::from_secs(60 + max_upload_bytes / 1_000_000);
+    // Assume at least 250 kB/s to Telegram (a slow office uplink), plus a minute for the reply;
+    // a send that times out may still have been delivered (see MAYBE_DELIVERED_ATTEMPTS).
+    let total = Duration::from_secs(60 + max_upload_bytes / 250_000);
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(total)
@@ -87,6 +95,13 @@ pub const RETENTION: Duration = Duration::from_secs(30 * 86_400);
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(15);
 /// How often the state is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How far ahead of its start the worker takes a row the pacer admitted (the task sleeps the
+/// rest). The worker wakes this long before the next row's instant, so the time a pass takes
+/// (an outbox query) never delays a send and the schedule does not drift.
+const ADMIT_LEAD: Duration = Duration::from_millis(25);
+/// How many times a send whose request timed out is tried in all. A timeout after the upload
+/// may mean Telegram delivered it and the answer was lost, so each retry may be a duplicate.
+pub const MAYBE_DELIVERED_ATTEMPTS: u32 = 3;
 
 /// The outbox worker. Build with [`DeliveryWorker::new`], run with [`DeliveryWorker::run`].
 pub struct DeliveryWorker {
@@ -101,11 +116,74 @@ type FileKey = (String, ItemKind);
 struct Inner {
     bot: Bot,
     state: State,
-    limiters: Limiters,
+    pacer: Arc<Pacer>,
     metrics: Arc<Metrics>,
     events: Arc<dyn ChatEvents>,
     give_up_after: Duration,
-    uploads: Mutex<HashMap<FileKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A task in flight, as the worker tracks it.
+struct InFlight {
+    chat_id: i64,
+    row_id: i64,
+    /// Files this send may upload (no `file_id` known when it started).
+    uploads: Vec<FileKey>,
+}
+
+/// What a finished task tells the worker.
+struct Finished {
+    /// Files that now have a `file_id` in the state.
+    resolved: Vec<FileKey>,
+}
+
+/// The files the worker knows about: which have a `file_id`, and which are being uploaded.
+#[derive(Default, Clone)]
+struct Files {
+    resolved: HashSet<FileKey>,
+    uploading: HashSet<FileKey>,
+}
+
+/// One pass's admission: the pacer's verdict on each candidate row, and the files it starts
+/// uploading.
+struct Admission {
+    pacer: Arc<Pacer>,
+    now: tokio::time::Instant,
+    files: Files,
+    starts: HashMap<i64, (tokio::time::Instant, Vec<FileKey>)>,
+    next_ready: Option<tokio::time::Instant>,
+}
+
+impl Admission {
+    fn admit(&mut self, row: &OutboxRow) -> bool {
+        let keys: Vec<FileKey> = file_keys(&row.send)
+            .filter(|key| !self.files.resolved.contains(key))
+            .collect();
+        // The first send of a file is in flight: wait for its file_id instead of uploading
+        // again, and leave the slot to other reports.
+        if keys.iter().any(|key| self.files.uploading.contains(key)) {
+            return false;
+        }
+        match self
+            .pacer
+            .try_reserve(row.chat_id, row.send.items.len(), self.now, ADMIT_LEAD)
+        {
+            Ok(start) => {
+                self.files.uploading.extend(keys.iter().cloned());
+                self.starts.insert(row.id, (start, keys));
+                true
+            }
+            Err(ready) => {
+                self.next_ready = Some(self.next_ready.map_or(ready, |at| at.min(ready)));
+                false
+            }
+        }
+    }
+}
+
+fn file_keys(send: &OutboxSend) -> impl Iterator<Item = FileKey> + '_ {
+    send.items
+        .iter()
+        .map(|item| (item.sha256.clone(), item.kind))
 }
 
 /// The settings of a [`DeliveryWorker`].
@@ -134,11 +212,10 @@ impl DeliveryWorker {
             inner: Arc::new(Inner {
                 bot,
                 state,
-                limiters: Limiters::new(&settings.limits),
+                pacer: Arc::new(Pacer::new(&settings.limits)),
                 metrics,
                 events,
                 give_up_after: settings.give_up_after,
-                uploads: Mutex::new(HashMap::new()),
             }),
             concurrency: settings.concurrency.max(1),
             wake: wake.clone(),
@@ -149,9 +226,10 @@ impl DeliveryWorker {
     /// Drains the outbox until `cancel` fires. In-flight sends are abandoned on cancellation
     /// (they stay pending and are sent again after a restart).
     pub async fn run(self, cancel: CancellationToken) {
-        let mut in_flight: JoinSet<()> = JoinSet::new();
-        // The (chat, outbox row) of each task in flight; a chat is in here at most once.
-        let mut busy: HashMap<tokio::task::Id, (i64, i64)> = HashMap::new();
+        let mut in_flight: JoinSet<Finished> = JoinSet::new();
+        // Each task in flight; a chat is in here at most once.
+        let mut busy: HashMap<tokio::task::Id, InFlight> = HashMap::new();
+        let mut files = Files::default();
         let mut last_retain = tokio::time::Instant::now();
         // Prune a minute after start, then every PRUNE_EVERY.
         let mut next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -159,29 +237,66 @@ impl DeliveryWorker {
             let free = self.concurrency.saturating_sub(in_flight.len());
             let mut next_check = Duration::from_secs(30);
             if free > 0 {
-                match self
+                let admission = Arc::new(Mutex::new(Admission {
+                    pacer: self.inner.pacer.clone(),
+                    now: tokio::time::Instant::now(),
+                    files: files.clone(),
+                    starts: HashMap::new(),
+                    next_ready: None,
+                }));
+                let judge = admission.clone();
+                let due = self
                     .inner
                     .state
                     .due_sends(
                         SystemTime::now(),
-                        busy.values().map(|b| b.0).collect(),
-                        busy.values().map(|b| b.1).collect(),
+                        busy.values().map(|b| b.chat_id).collect(),
+                        busy.values().map(|b| b.row_id).collect(),
                         free,
+                        move |row| {
+                            judge
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .admit(row)
+                        },
                     )
-                    .await
-                {
+                    .await;
+                let (mut starts, next_ready) = {
+                    let mut admission = admission
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    (std::mem::take(&mut admission.starts), admission.next_ready)
+                };
+                match due {
                     Ok(rows) => {
                         for row in rows {
-                            let key = (row.chat_id, row.id);
+                            let Some((start, uploads)) = starts.remove(&row.id) else {
+                                continue;
+                            };
+                            let (chat_id, row_id) = (row.chat_id, row.id);
+                            files.uploading.extend(uploads.iter().cloned());
                             let inner = self.inner.clone();
-                            let task = in_flight.spawn(async move { inner.process(row).await });
-                            busy.insert(task.id(), key);
+                            let task =
+                                in_flight.spawn(async move { inner.process(row, start).await });
+                            busy.insert(
+                                task.id(),
+                                InFlight {
+                                    chat_id,
+                                    row_id,
+                                    uploads,
+                                },
+                            );
                         }
                     }
                     Err(error) => {
                         error!(error = format!("{error:#}"), "Cannot read the outbox.");
                         next_check = Duration::from_secs(1);
                     }
+                }
+                if let Some(ready) = next_ready {
+                    let wake = ready.checked_sub(ADMIT_LEAD).unwrap_or(ready);
+                    next_check =
+                        next_check.min(wake.saturating_duration_since(tokio::time::Instant::now()));
                 }
                 if let Ok(Some(due)) = self.inner.state.next_due_at().await
                     && let Ok(wait) = due.duration_since(SystemTime::now())
@@ -193,7 +308,9 @@ impl DeliveryWorker {
                 self.inner.metrics.outbox_depth.set(depth);
             }
             if last_retain.elapsed() > Duration::from_secs(60) {
-                self.inner.limiters.retain_recent();
+                self.inner.pacer.retain_recent();
+                // Forgotten files cost one serialized first send each, never an upload.
+                files.resolved.clear();
                 last_retain = tokio::time::Instant::now();
             }
             if tokio::time::Instant::now() >= next_prune {
@@ -209,14 +326,21 @@ impl DeliveryWorker {
                 () = cancel.cancelled() => break,
                 Some(done) = in_flight.join_next_with_id() => {
                     let id = match done {
-                        Ok((id, ())) => id,
+                        Ok((id, finished)) => {
+                            files.resolved.extend(finished.resolved);
+                            id
+                        }
                         Err(error) => {
                             // The row stays pending and is tried again on the next pass.
                             error!(%error, "A send task panicked.");
                             error.id()
                         }
                     };
-                    busy.remove(&id);
+                    if let Some(task) = busy.remove(&id) {
+                        for key in &task.uploads {
+                            files.uploading.remove(key);
+                        }
+                    }
                 }
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(next_check) => {}
@@ -238,8 +362,22 @@ impl DeliveryWorker {
 }
 
 impl Inner {
+    /// Sends one outbox row at `start` (the instant the pacer reserved for it), records the
+    /// outcome, and tells the worker which of its files now have a `file_id`.
+    async fn process(&self, row: OutboxRow, start: tokio::time::Instant) -> Finished {
+        tokio::time::sleep_until(start).await;
+        self.record(&row).await;
+        let mut resolved = Vec::new();
+        for key in file_keys(&row.send) {
+            if let Ok(Some(_)) = self.state.file_id(&key.0, key.1).await {
+                resolved.push(key);
+            }
+        }
+        Finished { resolved }
+    }
+
     /// Sends one outbox row and records the outcome.
-    async fn process(&self, row: OutboxRow) {
+    async fn record(&self, row: &OutboxRow) {
         let chat_id = row.chat_id;
         let method = row.send.method;
         let result = self.send_with_recovery(chat_id, &row.send).await;
@@ -272,6 +410,7 @@ impl Inner {
                     retry_after_secs = wait.as_secs(),
                     "Telegram asks this chat to wait."
                 );
+                self.pacer.penalize(chat_id, wait);
                 let at = SystemTime::now() + wait;
                 if let Err(error) = self
                     .state
@@ -321,8 +460,30 @@ impl Inner {
                 }
                 "permanent"
             }
+            Err(Failure::MaybeDelivered(reason))
+                if row.attempts + 1 >= MAYBE_DELIVERED_ATTEMPTS =>
+            {
+                error!(
+                    chat_id,
+                    method = method.as_str(),
+                    attempts = row.attempts + 1,
+                    %reason,
+                    "A send timed out again after it was sent; it may have been delivered. Not trying again; it is marked failed."
+                );
+                self.fail(row.id, &format!("{reason} (it may have been delivered)"))
+                    .await;
+                "failed"
+            }
             Err(failure) => {
                 let reason = match failure {
+                    Failure::MaybeDelivered(reason) => {
+                        warn!(
+                            chat_id,
+                            %reason,
+                            "A send timed out after it was sent; Telegram may have delivered it, so the retry may be a duplicate."
+                        );
+                        reason
+                    }
                     Failure::Transient(reason)
                     | Failure::PhotoRefused(reason)
                     | Failure::StaleFileId(reason) => reason,
@@ -395,9 +556,15 @@ impl Inner {
     /// One send, with the recoveries that need no waiting: a migrated group gets it at its new
     /// id at once, a refused photo goes again as a document, a stale `file_id` is uploaded
     /// again.
+    ///
+    /// The first attempt goes at once (the worker took the row when the pacer admitted it);
+    /// each recovery waits for the pacer again.
     async fn send_with_recovery(&self, mut chat_id: i64, send: &OutboxSend) -> Result<(), Failure> {
         let mut send = send.clone();
-        for _ in 0..4 {
+        for attempt in 0..4 {
+            if attempt > 0 {
+                self.pacer.admit(chat_id, send.items.len()).await;
+            }
             match self.send_once(chat_id, &send).await {
                 Ok(()) => return Ok(()),
                 Err(Failure::Migrated(new)) if new != chat_id => {
@@ -441,40 +608,9 @@ impl Inner {
         ))
     }
 
-    /// Waits for the limiters, resolves files (uploading at most once per file), calls the
-    /// Bot API once and stores any new `file_id`s.
+    /// Resolves files (a stored `file_id`, else the bytes to upload), calls the Bot API once
+    /// and stores any new `file_id`s.
     async fn send_once(&self, chat_id: i64, send: &OutboxSend) -> Result<(), Failure> {
-        // Hold the upload lock of every file without a file_id, so concurrent first sends of
-        // the same file wait for one upload instead of uploading again.
-        let mut guards = Vec::new();
-        let mut keys: Vec<FileKey> = send
-            .items
-            .iter()
-            .map(|i| (i.sha256.clone(), i.kind))
-            .collect();
-        keys.sort_by(|a, b| (&a.0, kind_order(a.1)).cmp(&(&b.0, kind_order(b.1))));
-        keys.dedup();
-        for key in keys {
-            let known = self
-                .state
-                .file_id(&key.0, key.1)
-                .await
-                .map_err(|e| Failure::Transient(format!("{e:#}")))?;
-            if known.is_none() {
-                let lock = self
-                    .uploads
-                    .lock()
-                    .map_err(|_| Failure::Transient("upload lock poisoned".into()))?
-                    .entry(key)
-                    .or_default()
-                    .clone();
-                guards.push(lock.lock_owned().await);
-            }
-        }
-
-        let cells = send.items.len().max(1);
-        self.limiters.until_ready(chat_id, cells).await;
-
         let mut media = Vec::with_capacity(send.items.len());
         for item in &send.items {
             media.push(self.input_file(item).await?);
@@ -559,7 +695,6 @@ impl Inner {
                 );
             }
         }
-        drop(guards);
         Ok(())
     }
 
@@ -578,13 +713,6 @@ impl Inner {
             .await
             .map_err(|e| Failure::Permanent(format!("{e:#}")))?;
         Ok(InputFile::memory(bytes).file_name(item.file_name.clone()))
-    }
-}
-
-fn kind_order(kind: ItemKind) -> u8 {
-    match kind {
-        ItemKind::Photo => 0,
-        ItemKind::Document => 1,
     }
 }
 

@@ -3,16 +3,20 @@
 //! A [`Snapshot`] holds the three tables (users, mailboxes, groups) as the relay needs them. It
 //! is cached with moka for `seatable.cache_ttl_secs`, so a report costs no SeaTable call while
 //! the snapshot is fresh. The last good snapshot is also kept outside the cache and persisted in
-//! the state: a failed refresh keeps serving it (with a warning), and a start with SeaTable down
-//! starts from the persisted copy.
+//! the state, and it is served **stale-while-refresh**: once it is older than the TTL, a report
+//! gets it at once while one background refresh at a time re-reads SeaTable. A report never
+//! waits for SeaTable unless nothing was ever loaded. A failed refresh keeps the last good
+//! snapshot and warns once per outage; a start with SeaTable down starts from the persisted
+//! copy.
 //!
 //! Recipients are resolved from the "many" side of each link (users whose `mailboxes` cell
 //! contains the mailbox, groups whose `mailboxes` cell contains it), because SeaTable returns at
 //! most 50 links per cell: the mailbox row's own `users` cell cannot be trusted for a mailbox
 //! with 500 subscribers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tracing::{debug, info, warn};
@@ -26,7 +30,7 @@ mod seatable;
 
 pub use self::chats::{ChatStatuses, Migrations};
 pub use self::last_uid::LastUidWriter;
-pub use self::model::{Group, Mailbox, Recipient, RowMap, Snapshot, User};
+pub use self::model::{Group, Mailbox, Recipient, Snapshot, User, column};
 pub use self::seatable::{SeaTableBackend, quote};
 
 /// Where the directory reads and writes: SeaTable in production, an in-memory table in tests.
@@ -52,14 +56,24 @@ pub trait DirectoryBackend: Send + Sync + 'static {
     /// AND id_telegram_chat IS NULL`, which also locks it), then reads the row back. Returns
     /// whether the row now holds this chat's id, i.e. whether the claim was won.
     fn claim_group(&self, group_row_id: &str, chat_id: i64) -> BoxFuture<'_, anyhow::Result<bool>>;
+    /// Why writes are refused because the base lacks a table or column the relay writes
+    /// (`None`: no such problem is known).
+    fn schema_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The cached directory. See the module docs.
 pub struct Directory {
     backend: Arc<dyn DirectoryBackend>,
     state: State,
+    /// The fresh snapshot: present for `ttl` after each successful read.
     cache: moka::future::Cache<(), Arc<Snapshot>>,
     last_good: RwLock<Option<Arc<Snapshot>>>,
+    /// A background refresh is running (at most one at a time).
+    refreshing: AtomicBool,
+    /// The last refresh failed (its warning was logged; the next failures log at debug).
+    outage: AtomicBool,
 }
 
 impl std::fmt::Debug for Directory {
@@ -79,6 +93,8 @@ impl Directory {
                 .time_to_live(ttl)
                 .build(),
             last_good: RwLock::new(None),
+            refreshing: AtomicBool::new(false),
+            outage: AtomicBool::new(false),
         }
     }
 
@@ -107,10 +123,10 @@ impl Directory {
                     mailboxes = snapshot.mailboxes.len(),
                     "SeaTable is unreachable; starting from the persisted directory snapshot."
                 );
-                let snapshot = Arc::new(snapshot);
-                self.keep(snapshot.clone());
-                // Serve it for a TTL before trying SeaTable again from the report path.
-                self.cache.insert((), snapshot).await;
+                // Kept as the last good snapshot but not as a fresh one: the first report
+                // gets it at once and starts a background refresh.
+                self.keep(Arc::new(snapshot));
+                self.outage.store(true, Ordering::Release);
                 Ok(SnapshotSource::Persisted)
             }
         }
@@ -121,35 +137,61 @@ impl Directory {
         self.last_good.read().map(|g| g.is_some()).unwrap_or(false)
     }
 
-    /// The current snapshot: cached while fresh, else re-read from SeaTable; when that fails,
-    /// the last good snapshot (with a warning). `None` only before anything was ever loaded.
-    pub async fn snapshot(&self) -> Option<Arc<Snapshot>> {
-        let result = self
+    /// The current snapshot, without waiting for SeaTable while there is one: the cached
+    /// snapshot while fresh; once it is older than the TTL, the last good snapshot at once, and
+    /// one background refresh starts. Only a directory that was never loaded waits for
+    /// SeaTable (and for one read, however many reports ask). `None` only while nothing was
+    /// ever loaded and SeaTable fails.
+    pub async fn snapshot(self: &Arc<Self>) -> Option<Arc<Snapshot>> {
+        if let Some(fresh) = self.cache.get(&()).await {
+            return Some(fresh);
+        }
+        if let Some(stale) = self.last_good() {
+            self.refresh_in_background();
+            return Some(stale);
+        }
+        match self
             .cache
             .try_get_with((), async { self.fetch_and_keep().await })
-            .await;
-        match result {
+            .await
+        {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
-                let last = self.last_good();
-                match &last {
-                    Some(snapshot) => {
-                        warn!(
-                            error = format!("{error:#}"),
-                            "Cannot refresh the directory from SeaTable; using the last good snapshot."
-                        );
-                        // Serve the last good copy until the TTL passes, instead of calling a
-                        // failing SeaTable for every report.
-                        self.cache.insert((), snapshot.clone()).await;
-                    }
-                    None => warn!(
-                        error = format!("{error:#}"),
-                        "Cannot read the directory from SeaTable."
-                    ),
-                }
-                last
+                warn!(
+                    error = format!("{error:#}"),
+                    "Cannot read the directory from SeaTable."
+                );
+                None
             }
         }
+    }
+
+    /// How old the last good snapshot is (since it was read from SeaTable), if there is one.
+    pub fn age(&self) -> Option<Duration> {
+        self.last_good().map(|snapshot| {
+            SystemTime::now()
+                .duration_since(snapshot.fetched_at)
+                .unwrap_or_default()
+        })
+    }
+
+    /// Starts a refresh unless one is running. A failure keeps the last good snapshot and is
+    /// logged once per outage.
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let directory = self.clone();
+        tokio::spawn(async move {
+            // (The SeaTable client bounds each request with its timeout and retries.)
+            if let Err(error) = directory.refresh().await {
+                debug!(
+                    error = format!("{error:#}"),
+                    "Background refresh of the directory failed."
+                );
+            }
+            directory.refreshing.store(false, Ordering::Release);
+        });
     }
 
     /// Re-reads SeaTable now (after a registration, or a reload tick).
@@ -157,9 +199,22 @@ impl Directory {
     /// # Errors
     /// SeaTable failed; the last good snapshot stays in use.
     pub async fn refresh(&self) -> anyhow::Result<Arc<Snapshot>> {
-        let snapshot = self.fetch_and_keep().await?;
-        self.cache.insert((), snapshot.clone()).await;
-        Ok(snapshot)
+        match self.fetch_and_keep().await {
+            Ok(snapshot) => {
+                self.cache.insert((), snapshot.clone()).await;
+                Ok(snapshot)
+            }
+            Err(error) => {
+                if !self.outage.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        error = format!("{error:#}"),
+                        age_secs = self.age().map(|age| age.as_secs()),
+                        "Cannot refresh the directory from SeaTable; serving the last good snapshot until it answers."
+                    );
+                }
+                Err(error)
+            }
+        }
     }
 
     /// The last good snapshot, without any I/O.
@@ -194,6 +249,9 @@ impl Directory {
     async fn fetch_and_keep(&self) -> anyhow::Result<Arc<Snapshot>> {
         // (The SeaTable client retries transient failures itself before giving up.)
         let snapshot = Arc::new(self.backend.fetch().await?);
+        if self.outage.swap(false, Ordering::AcqRel) {
+            info!("SeaTable answers again; the directory is fresh.");
+        }
         debug!(
             users = snapshot.users.len(),
             mailboxes = snapshot.mailboxes.len(),
@@ -234,14 +292,15 @@ pub enum SnapshotSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seatable::Row;
     use serde_json::{Value, json};
 
-    fn rows(value: Value) -> Vec<RowMap> {
+    fn rows(value: Value) -> Vec<Row> {
         value
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| v.as_object().unwrap().clone())
+            .map(|v| Row::from(v.as_object().unwrap().clone()))
             .collect()
     }
 
@@ -322,5 +381,44 @@ mod tests {
         let s = snapshot();
         let debug = format!("{s:?}");
         assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn cells_are_read_as_sysadmins_type_them() {
+        // Ids and ports typed into number columns, names with stray spaces, a blank cell, link
+        // cells in the gateway's object form and the legacy plain-id form, a row without _id.
+        let s = Snapshot::from_rows(
+            &rows(json!([
+                {"_id": "u1", "Name": "  Ann  ", "phone": " ", "id_telegram": 111222333,
+                 "mailboxes": [{"row_id": "m1", "display_value": "sales"}]},
+                {"_id": "u2", "Name": "Bob", "id_telegram": " 444 ", "mailboxes": ["m1"]},
+                {"Name": "no id", "id_telegram": "555"},
+            ])),
+            &rows(json!([
+                {"_id": "m1", "Name": "sales", "email": " sales@example.com ", "last_uid": 7,
+                 "imap_port": "993", "disabled": "yes"},
+            ])),
+            &rows(json!([
+                {"_id": "g1", "Name": "Team", "id_telegram_chat": -100123, "is_locked": "true",
+                 "mailboxes": "m1"},
+            ])),
+        );
+        let ann = &s.users[0];
+        assert_eq!(
+            (ann.name.as_str(), ann.phone.as_str(), ann.telegram_id),
+            ("Ann", "", Some(111222333))
+        );
+        assert_eq!(ann.mailbox_ids, ["m1"]);
+        assert_eq!(s.users[1].telegram_id, Some(444));
+        assert_eq!(s.users[1].mailbox_ids, ["m1"]);
+        assert_eq!(s.users.len(), 2, "a row without _id is dropped");
+        let m1 = &s.mailboxes[0];
+        assert_eq!(m1.email, "sales@example.com");
+        assert_eq!((m1.last_uid, m1.imap_port), (Some(7), Some(993)));
+        assert!(!m1.disabled, "only a JSON true ticks a checkbox");
+        let g1 = &s.groups[0];
+        assert_eq!(g1.chat_id, Some(-100123));
+        assert!(!g1.is_locked);
+        assert!(g1.mailbox_ids.is_empty(), "a text cell is not a link");
     }
 }

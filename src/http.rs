@@ -55,6 +55,14 @@ pub trait HealthSource: Send + Sync + 'static {
     fn directory_loaded(&self) -> bool;
     /// Every enabled mailbox being watched.
     fn mailboxes(&self) -> Vec<MailboxHealth>;
+    /// How long ago the directory snapshot in use was read from SeaTable (`None`: none yet).
+    fn directory_age(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Why the relay refuses to write to SeaTable (a missing column), if it does.
+    fn schema_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The `/readyz` body.
@@ -64,12 +72,17 @@ pub struct Readiness {
     pub ready: bool,
     /// Whether the directory is loaded.
     pub directory_loaded: bool,
+    /// Seconds since the directory snapshot in use was read from SeaTable; it grows while
+    /// SeaTable is down and reports are served from the last good snapshot.
+    pub directory_age_seconds: Option<u64>,
+    /// Why SeaTable writes are refused (the base lacks a column): then the answer is 503.
+    pub schema_problem: Option<String>,
     /// Each mailbox.
     pub mailboxes: Vec<MailboxHealth>,
 }
 
-/// Works out readiness at `now`: the directory is loaded and every mailbox has completed a
-/// catch-up since start, none longer ago than [`CATCH_UP_STALE_AFTER`].
+/// Works out readiness at `now`: the directory is loaded, SeaTable writes are not refused for a
+/// missing column, and every mailbox has completed a catch-up since start, none longer ago than [`CATCH_UP_STALE_AFTER`].
 pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
     let directory_loaded = source.directory_loaded();
     let mailboxes = source.mailboxes();
@@ -78,10 +91,13 @@ pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
             t >= m.started_at && now.duration_since(t).unwrap_or_default() < m.stale_after
         })
     };
-    let ready = directory_loaded && mailboxes.iter().all(fresh);
+    let schema_problem = source.schema_problem();
+    let ready = directory_loaded && schema_problem.is_none() && mailboxes.iter().all(fresh);
     Readiness {
         ready,
         directory_loaded,
+        directory_age_seconds: source.directory_age().map(|age| age.as_secs()),
+        schema_problem,
         mailboxes,
     }
 }
@@ -112,6 +128,9 @@ async fn readyz(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
+    if let Some(age) = app.health.directory_age() {
+        app.metrics.directory_age_seconds.set(age.as_secs_f64());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -121,19 +140,28 @@ async fn metrics_text(AxumState(app): AxumState<AppState>) -> impl IntoResponse 
     )
 }
 
-/// Binds `listen` and serves until `cancel` fires.
+/// Binds `listen` (`http.listen`). Start-up calls this before anything else runs, so an
+/// address in use fails the start instead of leaving a service without health endpoints.
 ///
 /// # Errors
-/// The address cannot be bound.
+/// The address cannot be bound (in use, not local, no permission), naming it.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("Cannot listen on {listen} (http.listen): {e}"))
+}
+
+/// Serves the endpoints on `listener` (from [`bind`]) until `cancel` fires.
+///
+/// # Errors
+/// The server failed while running.
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: Arc<dyn HealthSource>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("Cannot listen on {listen} (http.listen): {e}"))?;
+    let listen = listener.local_addr()?;
     tracing::info!(%listen, "Serving /healthz, /readyz and /metrics.");
     axum::serve(listener, router(health, metrics))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
@@ -185,5 +213,38 @@ mod tests {
             .ready
         );
         assert!(readiness(&Fixed(true, vec![]), now).ready);
+    }
+
+    struct Aged(Duration);
+    impl HealthSource for Aged {
+        fn directory_loaded(&self) -> bool {
+            true
+        }
+        fn mailboxes(&self) -> Vec<MailboxHealth> {
+            Vec::new()
+        }
+        fn directory_age(&self) -> Option<Duration> {
+            Some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_directory_age_is_in_readyz_and_metrics() {
+        let health: Arc<dyn HealthSource> = Arc::new(Aged(Duration::from_secs(95)));
+        let body = readiness(health.as_ref(), SystemTime::now());
+        assert_eq!(body.directory_age_seconds, Some(95));
+        let app = AppState {
+            health,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let response = metrics_text(AxumState(app)).await.into_response();
+        let text = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("report_relay_directory_age_seconds 95.0"),
+            "{text}"
+        );
     }
 }

@@ -37,7 +37,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_imap::imap_proto::{Capability, MailboxDatum, Response};
+use async_imap::imap_proto::{AttributeValue, Capability, MailboxDatum, Response};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use secrecy::SecretString;
 use tokio::sync::watch;
@@ -88,7 +88,8 @@ pub struct ImapTimeouts {
     pub login: Duration,
     /// Any other command, counted per server response (SELECT, SEARCH, NOOP, IDLE, ...).
     pub command: Duration,
-    /// One `UID FETCH` response, i.e. one whole message literal: large PDFs on slow links.
+    /// One `UID FETCH` response, i.e. one whole message literal, plus one second per
+    /// [`FETCH_MIN_BYTES_PER_SEC`] bytes of its `RFC822.SIZE`: large PDFs on slow links.
     pub fetch: Duration,
     /// Inactivity timeout inside IDLE: with no data at all from the server for this long, the
     /// round ends and `DONE` proves the connection alive (RFC 2177 keepalive; Delta Chat uses
@@ -167,9 +168,19 @@ pub struct FetchedMessage {
     pub fetch_error: Option<String>,
 }
 
-/// How many times one UID may fail to fetch (a `NO`, a timeout, no body) before it is handed
-/// to the sink as failed.
+/// How many times the server may refuse one UID (a tagged `NO`, or no body) before it is handed
+/// to the sink as failed. A timeout never counts: it says the link is slow, not that the server
+/// will not deliver the message, so the watcher reconnects and tries again, forever.
 pub const MAX_FETCH_ATTEMPTS: u32 = 5;
+
+/// The slowest link a `UID FETCH` is given time for, in bytes per second (256 kbit/s): the body
+/// fetch of a message of `RFC822.SIZE` n bytes may take `timeouts.fetch + n / this`.
+pub const FETCH_MIN_BYTES_PER_SEC: u64 = 32_000;
+
+/// The time one body fetch of `size` bytes (`RFC822.SIZE`, RFC 3501 §6.4.5) may take.
+pub fn fetch_timeout(base: Duration, size: Option<u32>) -> Duration {
+    base + Duration::from_secs(u64::from(size.unwrap_or(0)) / FETCH_MIN_BYTES_PER_SEC)
+}
 
 impl fmt::Debug for FetchedMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -564,7 +575,7 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
                     self.forget_fetch_failures(uid);
                     fetched
                 }
-                Err(error @ (SessionError::Refused { .. } | SessionError::Timeout { .. })) => {
+                Err(error @ SessionError::Refused { .. }) => {
                     let attempts = self.count_fetch_failure(uid);
                     if attempts < MAX_FETCH_ATTEMPTS {
                         return Err(error);
@@ -604,7 +615,8 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
         Ok(last_uid)
     }
 
-    /// `UID FETCH uid (UID INTERNALDATE BODY.PEEK[])`. `None` when the message is gone
+    /// `UID FETCH uid (RFC822.SIZE)`, then `UID FETCH uid (UID INTERNALDATE BODY.PEEK[])` with
+    /// a timeout scaled to that size ([`fetch_timeout`]). `None` when the message is gone
     /// (expunged since the search); any failure, including a tagged `NO`, is an error so the
     /// message is retried rather than skipped.
     async fn fetch(
@@ -615,11 +627,30 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
         uid_validity: u32,
         uid: u32,
     ) -> Result<Option<FetchedMessage>, SessionError> {
+        let mut size = None;
+        command(
+            session,
+            cancel,
+            self.settings.timeouts.command,
+            "UID FETCH",
+            &format!("UID FETCH {uid} (RFC822.SIZE)"),
+            notes,
+            |response| {
+                if let Response::Fetch(_, attributes) = response {
+                    for attribute in attributes {
+                        if let AttributeValue::Rfc822Size(bytes) = attribute {
+                            size = Some(*bytes);
+                        }
+                    }
+                }
+            },
+        )
+        .await?;
         let mut message = None;
         command(
             session,
             cancel,
-            self.settings.timeouts.fetch,
+            fetch_timeout(self.settings.timeouts.fetch, size),
             "UID FETCH",
             &format!("UID FETCH {uid} (UID INTERNALDATE BODY.PEEK[])"),
             notes,

@@ -6,14 +6,15 @@
 //! The pipeline, in the order a report travels:
 //!
 //! - [`supervisor`]: one [`imap::MailboxWatcher`] per enabled mailbox row, reloaded every
-//!   `seatable.reload_secs`, restarted on panic.
+//!   `seatable.reload_secs` and on SIGHUP, restarted on panic.
 //! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever;
 //!   one file per step under `imap/` (connect, auth, command, select, idle, wire, check).
 //! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
 //!   [`report::render`]'s plan, the recipients from [`directory`], and one SQLite transaction
 //!   in [`state`] (message, outbox rows, checkpoint).
-//! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits (its pacer in
-//!   `delivery/limits.rs`, error classes in `delivery/classify.rs`), uploading each file once.
+//! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits over every
+//!   sliding window (its pacer in `delivery/limits.rs`, error classes in
+//!   `delivery/classify.rs`), uploading each file once.
 //! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
 //!
 //! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client: token, rows, errors,

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub seatable_requests: Family<Labels, Counter>,
     /// `report_relay_telegram_requests_total{method,status}`: Bot API requests by outcome.
     pub telegram_requests: Family<Labels, Counter>,
+    /// `report_relay_directory_age_seconds`: set from the directory at each scrape.
+    pub directory_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,6 +99,12 @@ impl Metrics {
             "SeaTable HTTP requests by status",
             seatable_requests.clone(),
         );
+        let directory_age_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "directory_age_seconds",
+            "Seconds since the directory snapshot in use was read from SeaTable",
+            directory_age_seconds.clone(),
+        );
         let telegram_requests = Family::<Labels, Counter>::default();
         registry.register(
             "telegram_requests",
@@ -113,6 +121,7 @@ impl Metrics {
             append_to_send_seconds,
             seatable_requests,
             telegram_requests,
+            directory_age_seconds,
         }
     }
 

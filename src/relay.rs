@@ -18,14 +18,24 @@ use crate::state::{
     AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxSend, State, StoredFile,
 };
 
+/// The shared handles of one process that the relay, the bot and `replay` all work through.
+#[derive(Clone)]
+pub struct Handles {
+    /// The state: checkpoints, messages, the outbox.
+    pub state: State,
+    /// The SeaTable directory behind its cache.
+    pub directory: Arc<Directory>,
+    /// Chats known to be unreachable (blocked, kicked, migrated).
+    pub statuses: Arc<ChatStatuses>,
+    /// The counters behind `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
 /// Turns fetched messages into outbox rows.
 pub struct Relay {
-    state: State,
-    directory: Arc<Directory>,
-    statuses: Arc<ChatStatuses>,
+    handles: Handles,
     settings: RelaySettings,
     delivery_wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
     last_uid: Option<Arc<LastUidWriter>>,
 }
 
@@ -42,6 +52,8 @@ pub struct RelaySettings {
     pub subject_prefixes: Vec<String>,
     /// `telegram.png_as`, `telegram.max_upload_bytes`, `reports.forward_errors`.
     pub plan: PlanOptions,
+    /// `reports.require_authentication.authserv_id`, when set.
+    pub require_authentication: Option<String>,
 }
 
 impl RelaySettings {
@@ -50,6 +62,11 @@ impl RelaySettings {
         Self {
             subject_prefixes: config.reports.subject_prefixes.clone(),
             plan: PlanOptions::from(config),
+            require_authentication: config
+                .reports
+                .require_authentication
+                .as_ref()
+                .map(|required| required.authserv_id.clone()),
         }
     }
 }
@@ -82,35 +99,31 @@ pub struct Relayed {
     pub recipients: usize,
     /// The message was acknowledged before (same UID or same content); nothing was queued.
     pub duplicate: bool,
+    /// The stored message's row id (`None` for a duplicate): the key of its outbox rows.
+    pub message_id: Option<i64>,
 }
 
 impl Relay {
-    /// A relay writing to `state`, resolving through `directory` (skipping the chats in
-    /// `statuses`), waking the delivery worker
-    /// through `delivery_wake`, and queueing `last_uid` write-backs on `last_uid`.
+    /// A relay writing to the handles' state, resolving through their directory (skipping the
+    /// chats in their statuses), waking the delivery worker through `delivery_wake`, and
+    /// queueing `last_uid` write-backs on `last_uid` (`None`: no write-back, as in `replay`).
     pub fn new(
-        state: State,
-        directory: Arc<Directory>,
-        statuses: Arc<ChatStatuses>,
+        handles: Handles,
         settings: RelaySettings,
         delivery_wake: Arc<Notify>,
-        metrics: Arc<Metrics>,
         last_uid: Option<Arc<LastUidWriter>>,
     ) -> Self {
         Self {
-            state,
-            directory,
-            statuses,
+            handles,
             settings,
             delivery_wake,
-            metrics,
             last_uid,
         }
     }
 
     /// The state this relay writes to.
     pub fn state(&self) -> &State {
-        &self.state
+        &self.handles.state
     }
 
     /// Stores the mailbox's checkpoint without a message (first start, new UIDVALIDITY).
@@ -122,7 +135,7 @@ impl Relay {
         mailbox: &str,
         checkpoint: Checkpoint,
     ) -> anyhow::Result<()> {
-        self.state.set_checkpoint(mailbox, checkpoint).await
+        self.handles.state.set_checkpoint(mailbox, checkpoint).await
     }
 
     /// Relays one message and acknowledges it. A message that cannot be parsed is stored as
@@ -169,6 +182,7 @@ impl Relay {
             Ok(report) => {
                 ack.title = report.title.clone();
                 let snapshot = self
+                    .handles
                     .directory
                     .snapshot()
                     .await
@@ -184,13 +198,18 @@ impl Relay {
                         "sender {} is not in allowed_senders",
                         report.from.as_deref().unwrap_or("(none)")
                     ));
+                } else if let Some(Err(reason)) = self.authenticated(&report) {
+                    warn!(%mailbox, uid = uid_field, from = report.from.as_deref().unwrap_or(""), title = %report.title,
+                          %reason, "Mail the receiving server did not authenticate; not relaying it (it stays on the server).");
+                    ack.outcome = MessageOutcome::Filtered;
+                    ack.detail = Some(format!("not authenticated: {reason}"));
                 } else if let Some(reason) = plan.skipped {
                     info!(%mailbox, uid = uid_field, title = %report.title, %reason, "Not relaying this report.");
                     ack.outcome = MessageOutcome::Skipped;
                     ack.detail = Some(reason);
                 } else {
                     let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
-                    recipients.retain(|r| match self.statuses.status(r.chat_id) {
+                    recipients.retain(|r| match self.handles.statuses.status(r.chat_id) {
                         Some(status) => {
                             info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
                             false
@@ -235,8 +254,9 @@ impl Relay {
             chats.len()
         };
         let outcome = ack.outcome;
-        let result = self.state.acknowledge(ack).await?;
-        self.metrics
+        let result = self.handles.state.acknowledge(ack).await?;
+        self.handles
+            .metrics
             .reports_acknowledged
             .get_or_create(&vec![
                 ("mailbox", mailbox.clone()),
@@ -255,17 +275,42 @@ impl Relay {
             sends: if duplicate { 0 } else { sends },
             recipients: if duplicate { 0 } else { recipients },
             duplicate,
+            message_id: match result {
+                AckResult::Stored(id) => Some(id),
+                AckResult::Duplicate => None,
+            },
         })
+    }
+}
+
+impl Relay {
+    /// `reports.require_authentication`: `None` when it is off, else whether the receiving MTA
+    /// authenticated the From domain (see [`crate::report::auth_results::check`]).
+    fn authenticated(&self, report: &Report) -> Option<Result<(), String>> {
+        let authserv_id = self.settings.require_authentication.as_deref()?;
+        let Some(domain) = report
+            .from
+            .as_deref()
+            .and_then(|from| from.rsplit_once('@'))
+            .map(|(_, domain)| domain)
+        else {
+            return Some(Err("it has no From address".into()));
+        };
+        Some(crate::report::auth_results::check(
+            &report.authentication_results,
+            authserv_id,
+            domain,
+        ))
     }
 }
 
 impl crate::imap::MessageSink for Relay {
     async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
-        self.state.checkpoint(mailbox).await
+        self.handles.state.checkpoint(mailbox).await
     }
 
     async fn reset_checkpoint(&self, mailbox: &str, checkpoint: Checkpoint) -> anyhow::Result<()> {
-        self.state.set_checkpoint(mailbox, checkpoint).await
+        self.handles.state.set_checkpoint(mailbox, checkpoint).await
     }
 
     async fn acknowledge(

@@ -10,6 +10,7 @@
 //! So files are classified by magic bytes and name, never by MIME type alone, and PNGs get names
 //! made from the title. [`render`] turns a report into the Bot API calls for one recipient.
 
+pub mod auth_results;
 pub mod render;
 
 use std::fmt;
@@ -173,6 +174,8 @@ pub struct Report {
     pub from: Option<String>,
     /// The Message-ID without angle brackets; Superset never sets one, some MTAs do.
     pub message_id: Option<String>,
+    /// The values of the `Authentication-Results` headers (RFC 8601), topmost first.
+    pub authentication_results: Vec<String>,
     /// The files, in MIME order.
     pub files: Vec<ReportFile>,
     /// Parts that were not relayed, with the reason (for the logs).
@@ -258,6 +261,11 @@ fn parse_message(raw: &[u8], subject_prefixes: &[String]) -> Result<Report, Pars
         .and_then(|address| address.address())
         .map(str::to_owned);
     let message_id = message.message_id().map(str::to_owned);
+    let authentication_results = message
+        .headers_raw()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("authentication-results"))
+        .map(|(_, value)| value.trim().to_owned())
+        .collect();
 
     let html_id = message.html_body.first().copied();
     let text_id = message.text_body.first().copied();
@@ -387,6 +395,7 @@ fn parse_message(raw: &[u8], subject_prefixes: &[String]) -> Result<Report, Pars
         tables: body.tables,
         from,
         message_id,
+        authentication_results,
         files,
         ignored_parts,
     })

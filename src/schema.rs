@@ -392,6 +392,39 @@ pub async fn apply(client: &SeaTableClient, schema: &Schema) -> Result<Vec<Strin
     Ok(created)
 }
 
+/// What the base lacks of the bundled schema (with the configured table names): one line per
+/// missing table or column; empty when nothing is missing.
+///
+/// # Errors
+/// SeaTable could not be reached or answered with an error (`GET /metadata/`).
+pub async fn missing(
+    client: &SeaTableClient,
+    tables: &TableNames,
+) -> Result<Vec<String>, SeaTableError> {
+    let metadata = client.metadata().await?;
+    Ok(Schema::bundled()
+        .with_table_names(tables)
+        .missing(&metadata))
+}
+
+/// Checks that the base has every table and column the relay writes (SeaTable silently ignores
+/// unknown column names on writes).
+///
+/// # Errors
+/// One line per missing table or column, e.g. `table users has no column id_telegram`; or
+/// SeaTable could not be reached.
+pub async fn check(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<()> {
+    let missing = missing(client, tables).await?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "the SeaTable base lacks what the relay needs ({}); run `report-relay schema apply`",
+            missing.join("; ")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

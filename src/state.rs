@@ -24,7 +24,9 @@ mod files;
 mod outbox;
 
 pub use self::files::StoredFile;
-pub use self::outbox::{AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendResult};
+pub use self::outbox::{
+    AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendCounts, SendResult,
+};
 
 /// The SQLite schema, applied on every open (`CREATE … IF NOT EXISTS`).
 const SCHEMA: &str = include_str!("state/schema.sql");

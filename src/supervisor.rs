@@ -138,6 +138,14 @@ impl HealthSource for Watchers {
         self.directory.is_loaded()
     }
 
+    fn directory_age(&self) -> Option<Duration> {
+        self.directory.age()
+    }
+
+    fn schema_problem(&self) -> Option<String> {
+        self.directory.backend().schema_problem()
+    }
+
     fn mailboxes(&self) -> Vec<MailboxHealth> {
         let Ok(map) = self.statuses.lock() else {
             return Vec::new();
@@ -164,7 +172,7 @@ impl HealthSource for Watchers {
 
 /// Keeps one watcher per enabled mailbox row.
 pub struct Supervisor<S: MessageSink> {
-    config: Arc<Config>,
+    config: watch::Receiver<Arc<Config>>,
     directory: Arc<Directory>,
     sink: Arc<S>,
     metrics: Arc<Metrics>,
@@ -183,7 +191,8 @@ impl<S: MessageSink> Supervisor<S> {
     ) -> Self {
         let reload = Duration::from_secs(config.seatable.reload_secs);
         Self {
-            config,
+            // Never changes unless `reloading` gives a channel that does.
+            config: watch::channel(config).1,
             directory,
             sink,
             metrics,
@@ -192,9 +201,16 @@ impl<S: MessageSink> Supervisor<S> {
         }
     }
 
+    /// The same supervisor taking each config published on `updates` (a SIGHUP reload):
+    /// watchers whose connection settings changed restart at once.
+    pub fn reloading(mut self, updates: watch::Receiver<Arc<Config>>) -> Self {
+        self.config = updates;
+        self
+    }
+
     /// Runs until `cancel` fires, then stops every watcher and waits up to `grace` for them to
     /// close their connections before aborting the rest.
-    pub async fn run(self, cancel: CancellationToken, grace: Duration) {
+    pub async fn run(mut self, cancel: CancellationToken, grace: Duration) {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut by_task: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -226,6 +242,11 @@ impl<S: MessageSink> Supervisor<S> {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                         self.start(&mut tasks, &mut running, &mut by_task, entry.settings);
+                    }
+                }
+                Ok(()) = self.config.changed() => {
+                    if let Some(snapshot) = self.directory.last_good() {
+                        self.reconcile_with(&snapshot, &mut tasks, &mut running, &mut by_task);
                     }
                 }
                 () = tokio::time::sleep_until(next_reload) => {
@@ -281,9 +302,10 @@ impl<S: MessageSink> Supervisor<S> {
         running: &mut HashMap<String, Running>,
         by_task: &mut HashMap<tokio::task::Id, String>,
     ) {
+        let config = self.config.borrow().clone();
         let mut wanted: HashMap<String, MailboxSettings> = HashMap::new();
         for row in snapshot.enabled_mailboxes() {
-            match mailbox_settings(row, &self.config) {
+            match mailbox_settings(row, &config) {
                 Ok(settings) => {
                     wanted.insert(row.email.to_ascii_lowercase(), settings);
                 }

@@ -5,8 +5,7 @@
 //! The IDLE test prints Dovecot's own notification delay (append -> EXISTS):
 //! `cargo test --test dovecot_harness -- --nocapture idle`.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,31 +14,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use async_imap::extensions::idle::IdleResponse;
 use async_imap::imap_proto::{MailboxDatum, Response, Status};
-use dovecot::{Dovecot, DovecotOptions};
 use futures::TryStreamExt;
+use support::dovecot::{self, Dovecot, DovecotOptions, PASS, USER, message};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 type Session = async_imap::Session<TcpStream>;
 
-const USER: &str = "reports@test.local";
-const PASS: &str = "s3cret \"quoted\"";
 /// Upper bound for any single step in these tests.
 const STEP: Duration = Duration::from_secs(15);
-
-fn message(subject: &str) -> Vec<u8> {
-    format!(
-        "From: Superset <superset@test.local>\r\n\
-         To: {USER}\r\n\
-         Subject: {subject}\r\n\
-         Message-ID: <{subject}@test.local>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\
-         \r\n\
-         body of {subject}\r\n"
-    )
-    .into_bytes()
-}
 
 async fn step<T>(what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::time::timeout(STEP, fut)

@@ -1,18 +1,17 @@
 //! Self-tests of the fake SeaTable server in `tests/support/seatable.rs`: it must behave like
 //! the real API as `docs/reference/seatable-api.md` documents it.
 
-#[path = "support/seatable.rs"]
-mod seatable;
+mod support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::header::HeaderMap;
-use seatable::{
+use serde_json::{Value, json};
+use support::seatable::{
     ColumnType, Endpoint, FakeSeaTable, LINK_CELL_CAP, Outage, Permission, Scope, hmac_sha256,
 };
-use serde_json::{Value, json};
 
 /// API tokens are 40 characters.
 const API_TOKEN: &str = "4f2b9c0d8e7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c";

@@ -5,8 +5,7 @@
 //! Wire-level details (status codes, headers, key order, 5xx) are checked with reqwest, because
 //! teloxide sleeps 10 s on any 5xx answer.
 
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
 use std::time::Duration;
 
@@ -18,11 +17,13 @@ use teloxide::types::{
     InputMediaDocument, InputMediaPhoto, KeyboardButton, KeyboardMarkup, ParseMode, UpdateKind,
 };
 use teloxide::{ApiError, RequestError};
+use tokio::time::Instant;
 
-use telegram::{
+use support::telegram::{
     BASIC_GROUP_ID, ChatState, ContactCard, FakeConfig, FakeTelegram, Fault, FaultRule, FileKind,
-    FileSource, OTHER_USER_ID, Outcome, RateLimits, RateScope, SUPERGROUP_ID, TOKEN, TgChat,
-    TgUser, USER_ID, desc, make_png, parse_html, utf16_len, visible_text, visible_text_lenient,
+    FileSource, FloodControl, OTHER_USER_ID, Outcome, RateLimits, RateScope, SUPERGROUP_ID, TOKEN,
+    TgChat, TgUser, USER_ID, desc, make_png, parse_html, utf16_len, visible_text,
+    visible_text_lenient,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -34,9 +35,31 @@ fn unknown(err: &RequestError) -> &str {
     }
 }
 
+/// The Bot API error inside `err` (panics on a network or parse error).
+fn api(err: &RequestError) -> &ApiError {
+    match err {
+        RequestError::Api(api) => api,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// POSTs `body` as JSON to the fake's `method`.
+async fn post_json(
+    fake: &FakeTelegram,
+    method: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(fake.method_url(method))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 fn ann() -> TgUser {
@@ -70,10 +93,7 @@ async fn wrong_token_is_invalid_token() {
     let bot =
         Bot::new("7012345678:AAHwrongwrongwrongwrongwrongwrong123").set_api_url(fake.api_url());
     let err = bot.get_me().await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::InvalidToken)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::InvalidToken);
     assert!(
         fake.calls().is_empty(),
         "unauthorized calls are not methods"
@@ -152,21 +172,16 @@ async fn routing_and_envelope_on_the_wire() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = http
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": USER_ID, "text": "json"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": USER_ID, "text": "json"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
 
     // A 400 error keeps the key order and has no `parameters`.
-    let r = http
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"text": "no chat"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&fake, "sendMessage", serde_json::json!({"text": "no chat"})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(
         r.text().await.unwrap(),
@@ -323,10 +338,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ImageProcessFailed)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ImageProcessFailed);
 
     // A photo id is no document and vice versa; unknown ids are refused.
     let err = bot
@@ -368,10 +380,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::WrongFileIdOrUrl)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::WrongFileIdOrUrl);
 
     // Photo upload limit (TDLib: 10 MiB).
     let big = Bytes::from(vec![0u8; (10 << 20) + 1]);
@@ -384,12 +393,7 @@ async fn photos_sizes_dimensions_and_file_types() {
         "Bad Request: file of size 10485761 bytes is too big for a photo; the maximum size is 10485760 bytes"
     );
     // No photo at all.
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendPhoto"))
-        .json(&serde_json::json!({"chat_id": USER_ID}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&fake, "sendPhoto", serde_json::json!({"chat_id": USER_ID})).await;
     assert_eq!(
         r.text().await.unwrap(),
         format!(
@@ -417,10 +421,7 @@ async fn document_over_the_upload_limit_is_413() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::RequestEntityTooLarge)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::RequestEntityTooLarge);
     let call = &fake.calls_of("sendDocument")[0];
     assert_eq!(call.error_code(), Some(413));
     assert_eq!(call.files[0].bytes.as_ref().map(|b| b.len()), Some(1_001));
@@ -576,19 +577,13 @@ async fn captions_and_texts_are_validated_after_entity_parsing() {
         .send_message(ChatId(USER_ID), "y".repeat(4097))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::MessageIsTooLong)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::MessageIsTooLong);
     let err = bot
         .send_message(ChatId(USER_ID), "<b> </b>")
         .parse_mode(ParseMode::Html)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::MessageTextIsEmpty)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::MessageTextIsEmpty);
 }
 
 #[tokio::test]
@@ -642,12 +637,12 @@ async fn retry_after_through_teloxide_and_on_the_wire() {
     assert_eq!(fake.pending_faults(), 0);
 
     fake.fail_next("sendMessage", Fault::RetryAfter(7));
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": USER_ID, "text": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": USER_ID, "text": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "7");
     assert_eq!(r.headers()["content-type"], "application/json");
@@ -680,12 +675,12 @@ async fn migrate_to_chat_id() {
 
     // One-shot injection, and the exact wire format (only the migrate key).
     fake.inject(FaultRule::new(Fault::MigrateTo(SUPERGROUP_ID)).chat(-555_666_777));
-    let r = reqwest::Client::new()
-        .post(fake.method_url("sendMessage"))
-        .json(&serde_json::json!({"chat_id": -555_666_777i64, "text": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": -555_666_777i64, "text": "x"}),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     assert_eq!(
         r.text().await.unwrap(),
@@ -701,15 +696,9 @@ async fn chat_states_and_forbidden_errors() {
 
     fake.block_chat(USER_ID);
     let err = bot.send_message(ChatId(USER_ID), "hi").await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotBlocked)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotBlocked);
     let err = bot.send_document(ChatId(USER_ID), pdf()).await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotBlocked)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotBlocked);
     fake.clear_chat_state(USER_ID);
     bot.send_message(ChatId(USER_ID), "hi")
         .await
@@ -720,10 +709,7 @@ async fn chat_states_and_forbidden_errors() {
         .send_document(ChatId(SUPERGROUP_ID), pdf())
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::BotKickedFromSupergroup)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::BotKickedFromSupergroup);
     fake.set_chat_state(BASIC_GROUP_ID, ChatState::Kicked);
     let err = bot
         .send_document(ChatId(BASIC_GROUP_ID), pdf())
@@ -747,10 +733,7 @@ async fn chat_states_and_forbidden_errors() {
         .send_message(ChatId(-222_333_444), "x")
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ChatNotFound)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ChatNotFound);
 
     // Scripted one-shot errors on the nth call of a method in a chat.
     fake.inject(
@@ -772,17 +755,14 @@ async fn chat_states_and_forbidden_errors() {
     }
     fake.inject(FaultRule::new(Fault::ChatNotFound).method("sendDocument"));
     let err = bot.send_document(chat, pdf()).await.unwrap_err();
-    assert!(
-        matches!(err, RequestError::Api(ApiError::ChatNotFound)),
-        "{err:?}"
-    );
+    assert_eq!(api(&err), &ApiError::ChatNotFound);
     fake.inject(FaultRule::new(Fault::NotEnoughRightsDocuments));
     let err = bot.send_document(chat, pdf()).await.unwrap_err();
     assert_eq!(unknown(&err), desc::NO_RIGHTS_DOCUMENTS);
     fake.inject(FaultRule::new(Fault::BotBlocked).always().chat(USER_ID));
     for _ in 0..3 {
         let err = bot.send_message(ChatId(USER_ID), "x").await.unwrap_err();
-        assert!(matches!(err, RequestError::Api(ApiError::BotBlocked)));
+        assert_eq!(api(&err), &ApiError::BotBlocked);
     }
     fake.clear_faults();
     bot.send_message(ChatId(USER_ID), "x")
@@ -1144,9 +1124,243 @@ async fn other_methods_parse_in_teloxide() {
     bot.delete_webhook().await.unwrap();
 }
 
+// ----- strict limits: the windows, checked at chosen instants ---------------------------------
+
+/// `t0 + ms` milliseconds.
+fn at(t0: Instant, ms: u64) -> Instant {
+    t0 + Duration::from_millis(ms)
+}
+
+/// Private chats `USER_ID + k` for `k` in `range`, one message each at `when`.
+fn singles(f: &mut FloodControl, range: std::ops::Range<i64>, when: Instant) {
+    for k in range {
+        f.check(USER_ID + k, 1, when)
+            .unwrap_or_else(|e| panic!("message {k} refused: {e:?}"));
+    }
+}
+
+#[test]
+fn a_burst_of_thirty_then_one_more_half_a_second_later_is_refused() {
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(RateLimits::telegram());
+    singles(&mut f, 0..30, t0);
+    let (scope, wait) = f.check(USER_ID + 30, 1, at(t0, 500)).unwrap_err();
+    assert_eq!(scope, RateScope::Global);
+    // It fits once the burst has left the window (less the 1-ms tolerance).
+    assert_eq!(wait, Duration::from_millis(499));
+    f.check(USER_ID + 30, 1, at(t0, 999))
+        .expect("a window later");
+}
+
+#[test]
+fn thirty_at_zero_and_thirty_one_second_later_are_accepted() {
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(RateLimits::telegram());
+    singles(&mut f, 0..30, t0);
+    singles(&mut f, 30..60, at(t0, 1000));
+    singles(&mut f, 60..90, at(t0, 2000));
+    // The tolerance is clock granularity, no more: 2 ms short of a window is refused.
+    let (scope, _) = f.check(USER_ID + 90, 1, at(t0, 2998)).unwrap_err();
+    assert_eq!(scope, RateScope::Global);
+    f.check(USER_ID + 90, 1, at(t0, 2999))
+        .expect("a window less 1 ms");
+    assert_eq!(RateLimits::telegram().tolerance, Duration::from_millis(1));
+}
+
+#[test]
+fn a_token_bucket_burst_then_one_every_33_ms_is_refused() {
+    // governor's Quota::per_second(30): 30 cells at once, then one every 33.3 ms.
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(RateLimits::telegram());
+    singles(&mut f, 0..30, t0);
+    let refused = (1..30)
+        .filter(|&k| f.check(USER_ID + 30 + k, 1, at(t0, 33 * k as u64)).is_err())
+        .count();
+    assert_eq!(
+        refused, 29,
+        "every trickled message within the first second"
+    );
+
+    // Evenly spaced, 33 ms apart is 31 in 990 ms: refused; 34 ms apart fits for good.
+    let mut f = FloodControl::new(RateLimits::telegram());
+    for k in 0..30 {
+        f.check(USER_ID + k, 1, at(t0, 33 * k as u64)).unwrap();
+    }
+    assert!(f.check(USER_ID + 30, 1, at(t0, 33 * 30)).is_err());
+    let mut f = FloodControl::new(RateLimits::telegram());
+    for k in 0..120 {
+        f.check(USER_ID + k, 1, at(t0, 34 * k as u64))
+            .unwrap_or_else(|e| panic!("message {k}: {e:?}"));
+    }
+}
+
+#[test]
+fn an_album_counts_its_items_globally_and_in_its_group_but_one_request_in_its_chat() {
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(RateLimits::telegram());
+    // Three albums of 10 are 30 messages: the global window is full.
+    for k in 0..3 {
+        f.check(USER_ID + k, 10, t0).unwrap();
+    }
+    let (scope, _) = f.check(USER_ID + 3, 1, at(t0, 500)).unwrap_err();
+    assert_eq!(scope, RateScope::Global);
+    let (scope, wait) = f.check(USER_ID + 3, 2, at(t0, 998)).unwrap_err();
+    assert_eq!((scope, wait), (RateScope::Global, Duration::from_millis(1)));
+    f.check(USER_ID + 3, 2, at(t0, 999))
+        .expect("an album of 2 once the albums left");
+
+    // In one chat an album is one request: the next send to it may follow a window later.
+    let mut f = FloodControl::new(RateLimits::telegram());
+    f.check(USER_ID, 3, t0).unwrap();
+    let (scope, wait) = f.check(USER_ID, 1, at(t0, 500)).unwrap_err();
+    assert_eq!((scope, wait), (RateScope::Chat, Duration::from_millis(499)));
+    f.check(USER_ID, 1, at(t0, 1000))
+        .expect("one request per second");
+
+    // A group: 20 messages in any 60 s, albums counted per item.
+    let mut f = FloodControl::new(RateLimits::telegram());
+    f.check(SUPERGROUP_ID, 10, t0).unwrap();
+    f.check(SUPERGROUP_ID, 9, at(t0, 1000)).unwrap();
+    let (scope, wait) = f.check(SUPERGROUP_ID, 2, at(t0, 30_000)).unwrap_err();
+    assert_eq!(scope, RateScope::Group);
+    assert_eq!(
+        wait,
+        Duration::from_millis(29_999),
+        "until the first album left"
+    );
+    f.check(SUPERGROUP_ID, 1, at(t0, 30_000)).expect("the 20th");
+    f.check(SUPERGROUP_ID, 2, at(t0, 59_999))
+        .expect("the first album has left the window");
+}
+
+#[test]
+fn a_request_that_arrived_earlier_but_is_checked_later_counts_where_it_arrived() {
+    // A slow upload's head arrives first; 30 quick sends arrive and are processed before it.
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(RateLimits::telegram());
+    singles(&mut f, 0..30, at(t0, 600));
+    // [300 ms, 1300 ms) would hold 31.
+    let (scope, _) = f.check(USER_ID + 30, 1, at(t0, 300)).unwrap_err();
+    assert_eq!(scope, RateScope::Global);
+    // So would [600 ms, 1600 ms) for one arriving at 1.2 s, though it is 0.6 s after the burst.
+    assert!(f.check(USER_ID + 31, 1, at(t0, 1200)).is_err());
+    f.check(USER_ID + 31, 1, at(t0, 1599)).unwrap();
+}
+
+#[test]
+fn scaled_limits_shrink_the_windows_and_keep_the_counts() {
+    let limits = RateLimits::telegram().scaled(0.05);
+    assert_eq!(limits.global_window, Duration::from_millis(50));
+    assert_eq!(limits.per_chat_window, Duration::from_millis(50));
+    assert_eq!(limits.group_window, Duration::from_secs(3));
+    assert_eq!(
+        (limits.global_max, limits.group_max, limits.per_chat),
+        (30, 20, 1)
+    );
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(limits);
+    singles(&mut f, 0..30, t0);
+    assert!(f.check(USER_ID + 30, 1, at(t0, 25)).is_err());
+    f.check(USER_ID + 30, 1, at(t0, 49)).unwrap();
+}
+
+#[test]
+fn the_minimum_span_follows_the_global_window() {
+    let limits = RateLimits::telegram();
+    assert_eq!(limits.min_span(1), Duration::ZERO);
+    assert_eq!(limits.min_span(30), Duration::ZERO);
+    assert_eq!(limits.min_span(31), Duration::from_secs(1));
+    assert_eq!(limits.min_span(123), Duration::from_secs(4));
+    // And it is reachable: bursts of 30 a window apart.
+    let t0 = Instant::now();
+    let mut f = FloodControl::new(limits);
+    for k in 0..123 {
+        f.check(USER_ID + k, 1, at(t0, 1000 * (k as u64 / 30)))
+            .unwrap();
+    }
+}
+
+// ----- strict limits: through the server --------------------------------------------------
+
+/// A fake enforcing Telegram's real limits.
+async fn strict_fake() -> FakeTelegram {
+    FakeTelegram::start_with(
+        TOKEN,
+        FakeConfig {
+            rate_limits: Some(RateLimits::telegram()),
+            ..FakeConfig::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn strict_limits_answer_the_servers_429_envelope() {
+    let fake = strict_fake().await;
+    let http = reqwest::Client::new();
+    let send = || {
+        http.post(fake.method_url("sendMessage"))
+            .json(&serde_json::json!({"chat_id": USER_ID, "text": "x"}))
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 1","parameters":{"retry_after":1}}"#
+    );
+    let v = fake.rate_violations();
+    assert_eq!(v.len(), 1);
+    assert_eq!(
+        (v[0].scope, v[0].chat_id, v[0].retry_after),
+        (RateScope::Chat, USER_ID, 1)
+    );
+    let calls = fake.calls_of("sendMessage");
+    assert_eq!(v[0].at, calls[1].received_at, "counted when it arrived");
+    assert!(calls[1].fault.is_none());
+    assert_eq!(
+        fake.delivered_messages().len(),
+        1,
+        "a refused send delivers nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_keeps_every_window_gets_no_429_over_http() {
+    // Bursts of 30 concurrent sends, each a window after the previous one was answered (so a
+    // window after it arrived, whatever the way to the server took).
+    let fake = strict_fake().await;
+    let bot = fake.bot();
+    let mut answered = Instant::now() - Duration::from_secs(1);
+    for burst in 0..3i64 {
+        tokio::time::sleep_until(answered + Duration::from_secs(1)).await;
+        let sends = (0..30).map(|k| {
+            bot.send_message(ChatId(USER_ID + burst * 30 + k), "x")
+                .send()
+        });
+        for result in futures::future::join_all(sends).await {
+            result.expect("within every window");
+        }
+        answered = Instant::now();
+    }
+    // One more right after the last burst is one too many in its window.
+    let err = bot
+        .send_message(ChatId(OTHER_USER_ID), "x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::RetryAfter(_)), "{err:?}");
+    let v = fake.rate_violations();
+    assert_eq!((v.len(), v[0].scope), (1, RateScope::Global));
+    assert_eq!(fake.stats().messages_delivered, 90);
+}
+
 #[tokio::test]
 async fn strict_limits_count_albums_and_record_violations() {
-    let limits = RateLimits::telegram().scaled(0.2); // 200 ms per chat, 20 per 12 s per group
+    // One request per 200 ms per chat, 20 per 12 s per group, 30 per 200 ms overall.
+    let limits = RateLimits::telegram().scaled(0.2);
     let fake = FakeTelegram::start_with(
         TOKEN,
         FakeConfig {
@@ -1168,13 +1382,13 @@ async fn strict_limits_count_albums_and_record_violations() {
         (v.len(), v[0].scope, v[0].chat_id),
         (1, RateScope::Chat, USER_ID)
     );
-    // Waiting out the interval is exactly what the sender must do (a timing test).
-    tokio::time::sleep(limits.per_chat_interval).await;
+    // Waiting out the window is exactly what the sender must do (a timing test).
+    tokio::time::sleep(limits.per_chat_window).await;
     bot.send_message(ChatId(USER_ID), "2")
         .await
-        .expect("after the interval");
+        .expect("after the window");
 
-    // An album of 3 reserves 3 intervals in its chat.
+    // An album of 3 is one request in its chat: the next send may follow one window later.
     let docs = |n: usize| -> Vec<InputMedia> {
         (0..n)
             .map(|_| {
@@ -1187,16 +1401,19 @@ async fn strict_limits_count_albums_and_record_violations() {
     bot.send_media_group(ChatId(SUPERGROUP_ID), docs(3))
         .await
         .expect("album");
-    tokio::time::sleep(limits.per_chat_interval).await;
     let err = bot
         .send_message(ChatId(SUPERGROUP_ID), "x")
         .await
         .unwrap_err();
     assert!(matches!(err, RequestError::RetryAfter(_)), "{err:?}");
+    tokio::time::sleep(limits.per_chat_window).await;
+    bot.send_message(ChatId(SUPERGROUP_ID), "x")
+        .await
+        .expect("one window after the album");
 
     // The group window: 20 messages per window, albums counted per item.
     fake.set_rate_limits(Some(RateLimits {
-        per_chat_interval: Duration::ZERO,
+        per_chat_window: Duration::ZERO,
         ..RateLimits::telegram()
     }));
     bot.send_media_group(ChatId(BASIC_GROUP_ID), docs(10))
@@ -1216,6 +1433,74 @@ async fn strict_limits_count_albums_and_record_violations() {
     let last = fake.rate_violations().pop().unwrap();
     assert_eq!((last.scope, last.messages), (RateScope::Group, 1));
     assert_eq!(fake.stats().rate_violations, 3);
+}
+
+// ----- answer delay -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_answer_delay_delivers_at_once_and_answers_later() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let fake = FakeTelegram::start_with(
+        TOKEN,
+        FakeConfig {
+            answer_delay: DELAY,
+            ..FakeConfig::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = fake.method_url("sendMessage");
+    let started = Instant::now();
+    let send = tokio::spawn(
+        http.post(&url)
+            .json(&serde_json::json!({"chat_id": USER_ID, "text": "late"}))
+            .send(),
+    );
+    // Recorded and delivered long before the answer.
+    fake.wait_for_calls("sendMessage", 1, DELAY / 2)
+        .await
+        .expect("processed before the answer");
+    assert_eq!(fake.delivered_messages().len(), 1);
+    assert!(!send.is_finished());
+    let r = send.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() >= DELAY, "{:?}", started.elapsed());
+
+    // Only sends wait: getMe answers at once.
+    let started = Instant::now();
+    fake.bot().get_me().await.unwrap();
+    assert!(started.elapsed() < DELAY / 2, "{:?}", started.elapsed());
+
+    // A client that gives up before the answer does not undo the delivery.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let err = impatient
+        .post(&url)
+        .json(&serde_json::json!({"chat_id": USER_ID + 1, "text": "gone"}))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(fake.sends_to(USER_ID + 1)[0].is_ok());
+    assert_eq!(fake.delivered_messages().len(), 2);
+
+    // set_answer_delay changes it at run time; a Fault::Delay on one chat replaces it there.
+    fake.set_answer_delay(Duration::ZERO);
+    fake.inject(FaultRule::new(Fault::Delay(DELAY)).chat(USER_ID + 2));
+    let started = Instant::now();
+    fake.bot()
+        .send_message(ChatId(USER_ID), "quick")
+        .await
+        .unwrap();
+    assert!(started.elapsed() < DELAY / 2, "{:?}", started.elapsed());
+    let started = Instant::now();
+    fake.bot()
+        .send_message(ChatId(USER_ID + 2), "slow")
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= DELAY, "{:?}", started.elapsed());
 }
 
 #[test]

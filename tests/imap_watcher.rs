@@ -5,49 +5,22 @@
 //! latency is printed by `append_while_idle_is_relayed_promptly`:
 //! `cargo test --test imap_watcher -- --nocapture promptly`.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dovecot::{Dovecot, DovecotOptions};
 use report_relay::config::TlsMode;
-use report_relay::imap::{
-    Checkpoint, FetchedMessage, ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink,
-    WatcherState, WatcherStatus,
-};
-use report_relay::metrics::Metrics;
+use report_relay::imap::{Checkpoint, MailboxSettings, WatcherState};
 use secrecy::SecretString;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use support::dovecot::{Dovecot, DovecotOptions, PASS, USER, message};
+use support::watcher::{self, MemorySink, Running, SINK_ERROR, eventually};
 use tokio_rustls::rustls::RootCertStore;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_util::sync::CancellationToken;
-use tracing::instrument::WithSubscriber;
-
-const USER: &str = "reports@test.local";
-const PASS: &str = "s3cret-Pa55 \"quoted\"";
-/// Deadline of every awaited condition.
-const WAIT: Duration = Duration::from_secs(15);
-
-fn message(subject: &str) -> Vec<u8> {
-    format!(
-        "From: Superset <superset@test.local>\r\n\
-         To: {USER}\r\n\
-         Subject: [Report] {subject}\r\n\
-         Message-ID: <{subject}@test.local>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\
-         \r\n\
-         body of {subject}\r\n"
-    )
-    .into_bytes()
-}
 
 async fn dovecot() -> Dovecot {
     dovecot_with(DovecotOptions::default()).await
@@ -61,237 +34,9 @@ async fn dovecot_with(mut options: DovecotOptions) -> Dovecot {
     server
 }
 
-/// Small timeouts and backoff so faults are handled within a second or two.
+/// [`watcher::settings`] for the Dovecot `server`.
 fn settings(server: &Dovecot) -> MailboxSettings {
-    MailboxSettings {
-        address: USER.into(),
-        host: server.host().into(),
-        port: server.port(),
-        tls: TlsMode::None,
-        login: USER.into(),
-        password: SecretString::from(PASS),
-        folder: "INBOX".into(),
-        idle_renew_secs: 60,
-        seed_last_uid: None,
-        timeouts: ImapTimeouts {
-            connect: Duration::from_secs(5),
-            login: Duration::from_secs(5),
-            command: Duration::from_secs(5),
-            fetch: Duration::from_secs(5),
-            idle_keepalive: Duration::from_secs(60),
-            done: Duration::from_secs(2),
-            logout: Duration::from_secs(2),
-            reconnect_min_delay: Duration::from_millis(50),
-            reconnect_max_delay: Duration::from_millis(250),
-        },
-        poll_secs: 1,
-    }
-}
-
-// ---- an in-memory sink -------------------------------------------------------------------------
-
-#[derive(Debug, Default)]
-struct SinkState {
-    checkpoint: Option<Checkpoint>,
-    acked: Vec<(FetchedMessage, Instant)>,
-    resets: Vec<Checkpoint>,
-    /// So many `acknowledge` calls fail before the next succeeds.
-    fail_acks: u32,
-    failed: Vec<u32>,
-}
-
-/// The checkpoint and the acknowledged messages in memory; `wait` awaits a condition.
-struct MemorySink {
-    state: Mutex<SinkState>,
-    version: watch::Sender<u64>,
-}
-
-impl MemorySink {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::new(SinkState::default()),
-            version: watch::channel(0).0,
-        })
-    }
-
-    fn update<T>(&self, change: impl FnOnce(&mut SinkState) -> T) -> T {
-        let out = change(&mut self.state.lock().unwrap());
-        self.version.send_modify(|version| *version += 1);
-        out
-    }
-
-    fn read<T>(&self, look: impl FnOnce(&SinkState) -> T) -> T {
-        look(&self.state.lock().unwrap())
-    }
-
-    fn acked_uids(&self) -> Vec<u32> {
-        self.read(|state| state.acked.iter().map(|(m, _)| m.uid).collect())
-    }
-
-    async fn wait(&self, what: &str, condition: impl Fn(&SinkState) -> bool) {
-        let mut version = self.version.subscribe();
-        let waited = tokio::time::timeout(
-            WAIT,
-            version.wait_for(|_| condition(&self.state.lock().unwrap())),
-        )
-        .await
-        .is_ok_and(|result| result.is_ok());
-        assert!(
-            waited,
-            "timed out waiting for {what}: {:?}",
-            self.state.lock().unwrap()
-        );
-    }
-
-    async fn wait_acked(&self, count: usize) {
-        self.wait(&format!("{count} acknowledged messages"), |state| {
-            state.acked.len() >= count
-        })
-        .await;
-    }
-}
-
-impl MessageSink for MemorySink {
-    async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
-        assert_eq!(mailbox, USER);
-        Ok(self.read(|state| state.checkpoint))
-    }
-
-    async fn reset_checkpoint(&self, _mailbox: &str, checkpoint: Checkpoint) -> anyhow::Result<()> {
-        self.update(|state| {
-            state.checkpoint = Some(checkpoint);
-            state.resets.push(checkpoint);
-        });
-        Ok(())
-    }
-
-    async fn acknowledge(&self, _mailbox: &str, message: FetchedMessage) -> anyhow::Result<()> {
-        self.update(|state| {
-            if state.fail_acks > 0 {
-                state.fail_acks -= 1;
-                state.failed.push(message.uid);
-                anyhow::bail!("database is locked");
-            }
-            let checkpoint = state.checkpoint.expect("a checkpoint before any message");
-            assert_eq!(checkpoint.uid_validity, message.uid_validity);
-            assert!(message.uid > checkpoint.last_uid, "UID order: {message:?}");
-            state.checkpoint = Some(Checkpoint {
-                uid_validity: message.uid_validity,
-                last_uid: message.uid,
-            });
-            state.acked.push((message, Instant::now()));
-            Ok(())
-        })
-    }
-}
-
-// ---- a running watcher with its log --------------------------------------------------------------
-
-/// The watcher's tracing output (TRACE level, no ANSI).
-#[derive(Clone, Default)]
-struct LogCapture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-struct Running {
-    task: JoinHandle<()>,
-    cancel: CancellationToken,
-    status: watch::Receiver<WatcherStatus>,
-    metrics: Arc<Metrics>,
-    log: LogCapture,
-}
-
-impl Running {
-    fn start(settings: MailboxSettings, sink: &Arc<MemorySink>) -> Self {
-        Self::start_with(settings, sink, |watcher| watcher)
-    }
-
-    fn start_with(
-        settings: MailboxSettings,
-        sink: &Arc<MemorySink>,
-        adjust: impl FnOnce(MailboxWatcher<MemorySink>) -> MailboxWatcher<MemorySink>,
-    ) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        let (watcher, status) =
-            MailboxWatcher::new(settings, Arc::clone(sink), Arc::clone(&metrics));
-        let log = LogCapture::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .finish();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            adjust(watcher)
-                .run(cancel.clone())
-                .with_subscriber(subscriber),
-        );
-        Self {
-            task,
-            cancel,
-            status,
-            metrics,
-            log,
-        }
-    }
-
-    async fn wait_state(&mut self, what: &str, condition: impl Fn(&WatcherStatus) -> bool) {
-        let waited = tokio::time::timeout(WAIT, self.status.wait_for(|status| condition(status)))
-            .await
-            .is_ok_and(|result| result.is_ok());
-        assert!(
-            waited,
-            "timed out waiting for {what}: {:?}\n{}",
-            *self.status.borrow(),
-            self.log.text()
-        );
-    }
-
-    async fn wait_idle(&mut self) {
-        self.wait_state("IDLE", |status| status.state == WatcherState::Idle)
-            .await;
-    }
-
-    /// Awaits a line in the watcher's log.
-    async fn wait_log(&self, what: &str, needle: &str) {
-        eventually(what, || self.log.text().contains(needle)).await;
-    }
-
-    /// Cancels and awaits the task; returns how long it took.
-    async fn stop(self) -> Duration {
-        let started = Instant::now();
-        self.cancel.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("the watcher stops")
-            .expect("the watcher does not panic");
-        started.elapsed()
-    }
-}
-
-/// Polls `condition` every 20 ms until it holds (for state outside our process: logs, Dovecot).
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    watcher::settings(server.host(), server.port())
 }
 
 async fn append(server: &Dovecot, subject: &str) -> u32 {
@@ -571,7 +316,7 @@ async fn a_failing_acknowledge_does_not_lose_the_message() {
     assert_eq!(sink.acked_uids(), [first, second]);
     let log = running.log.text();
     assert!(log.contains(r#"reason="sink""#), "{log}");
-    assert!(log.contains("database is locked"), "{log}");
+    assert!(log.contains(SINK_ERROR), "{log}");
     running.wait_idle().await;
     running.stop().await;
 }

@@ -1,25 +1,23 @@
 //! The registration bot, black box: `report-relay run` against a real Dovecot and the fake
 //! SeaTable and Telegram servers. Updates go in through the fake Bot API; what comes out is the
 //! bot's replies, the SeaTable rows and the relayed reports.
+//!
+//! Most tests are one row of a table: a [`Case`] names the rows in the base, the Telegram
+//! update, the bot's expected reply and the cells the update writes (nothing else in `users`
+//! and `t_chats` may change), and [`check`] plays it. Tests with more to say play it with
+//! [`Case::run`] and go on from the [`Session`] it returns.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
-#[path = "support/seatable.rs"]
-mod seatable;
-#[path = "support/stack.rs"]
-mod stack;
-#[path = "support/telegram.rs"]
-mod telegram;
+mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Deref;
 use std::time::Duration;
 
 use report_relay::bot::texts;
 use serde_json::{Map, Value, json};
-use stack::{InProcess, Stack, Tuning, fixture};
-use telegram::{Call, ChatState, ContactCard, TgChat, TgUser};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use support::seatable::FakeSeaTable;
+use support::stack::{InProcess, Stack, Tuning, fixture};
+use support::telegram::{Call, ChatState, ContactCard, TgChat, TgUser};
 
 /// Every wait. Deliberately shorter than the default `cache_ttl_secs` (60 s): a registration
 /// must reach deliveries by refreshing the directory, not by the cache expiring.
@@ -40,7 +38,8 @@ const OTHER_SUPER: i64 = -1_001_555_666_777;
 const ANN_PHONE_TYPED: &str = "+7 (999) 123-45-67";
 const ANN_PHONE_TG: &str = "79991234567";
 
-/// `description` of the stack's default mailbox row.
+/// `Name` of the stack's default mailbox row, and its `description`.
+const REPORTS: &str = "reports";
 const SALES: &str = "Sales reports";
 
 // ---------------------------------------------------------------------------------------------
@@ -86,20 +85,30 @@ fn contact_keyboard() -> Value {
            "one_time_keyboard": true, "resize_keyboard": true})
 }
 
+/// The cells of a users row that registration has given `id_telegram`.
+fn registered_person(name: &str, phone: &str, telegram_id: i64) -> Value {
+    json!({"Name": name, "phone": phone, "id_telegram": telegram_id.to_string()})
+}
+
+/// The cells of a t_chats row bound and locked to `chat_id`.
+fn bound_group(name: &str, chat_id: i64) -> Value {
+    json!({"Name": name, "id_telegram_chat": chat_id.to_string(), "is_locked": true})
+}
+
 /// A users row with this phone (as the administrator typed it) and `id_telegram`.
 fn add_person(
     stack: &Stack,
     name: &str,
     phone: &str,
     telegram_id: Option<i64>,
-    mailboxes: &[&str],
+    mailboxes: &[String],
 ) -> String {
     let row = stack.seatable.add_row(
         "users",
         json!({"Name": name, "phone": phone,
                "id_telegram": telegram_id.map(|id| id.to_string())}),
     );
-    stack.seatable.link("users", "mailboxes", &row, mailboxes);
+    link(stack, "users", &row, mailboxes);
     row
 }
 
@@ -109,15 +118,21 @@ fn add_group_row(
     name: &str,
     chat_id: Option<i64>,
     locked: bool,
-    mailboxes: &[&str],
+    mailboxes: &[String],
 ) -> String {
     let row = stack.seatable.add_row(
         "t_chats",
         json!({"Name": name, "id_telegram_chat": chat_id.map(|id| id.to_string()),
                "is_locked": locked}),
     );
-    stack.seatable.link("t_chats", "mailboxes", &row, mailboxes);
+    link(stack, "t_chats", &row, mailboxes);
     row
+}
+
+/// Links a users or t_chats row to these mailbox rows.
+fn link(stack: &Stack, table: &str, row: &str, mailboxes: &[String]) {
+    let mailboxes: Vec<&str> = mailboxes.iter().map(String::as_str).collect();
+    stack.seatable.link(table, "mailboxes", row, &mailboxes);
 }
 
 /// One more mailbox row, with its own Dovecot account (so the relay can watch it and become
@@ -138,29 +153,35 @@ fn cells(stack: &Stack, table: &str, row: &str) -> Map<String, Value> {
         .seatable
         .row(table, row)
         .unwrap_or_else(|| panic!("{table} has no row {row}"));
+    visible(row)
+}
+
+fn visible(row: Map<String, Value>) -> Map<String, Value> {
     row.into_iter()
         .filter(|(k, _)| !k.starts_with('_'))
         .collect()
 }
 
-/// The user-visible cells of every row of a table.
-fn table(stack: &Stack, table: &str) -> Vec<Map<String, Value>> {
-    stack
-        .seatable
-        .rows(table)
+/// The user-visible cells of every users and t_chats row but the rows `except` (by `_id`).
+fn snapshot(stack: &Stack, except: &[&str]) -> Vec<Vec<Map<String, Value>>> {
+    ["users", "t_chats"]
         .into_iter()
-        .map(|row| {
-            row.into_iter()
-                .filter(|(k, _)| !k.starts_with('_'))
+        .map(|table| {
+            stack
+                .seatable
+                .rows(table)
+                .into_iter()
+                .filter(|row| !except.iter().any(|id| row["_id"] == *id))
+                .map(visible)
                 .collect()
         })
         .collect()
 }
 
 /// Waits until every key of `expected` has that value in the row; panics with the row.
-async fn expect_cells(stack: &Stack, table: &str, row: &str, expected: Value) {
+async fn expect_cells(stack: &Stack, table: &str, row: &str, expected: &Value) {
     let expected = expected.as_object().unwrap().clone();
-    let matches = |s: &seatable::FakeSeaTable| {
+    let matches = |s: &FakeSeaTable| {
         s.row(table, row)
             .is_some_and(|r| expected.iter().all(|(k, v)| r.get(k) == Some(v)))
     };
@@ -173,22 +194,6 @@ async fn expect_cells(stack: &Stack, table: &str, row: &str, expected: Value) {
             cells(stack, table, row)
         );
     }
-}
-
-/// Starts the relay and waits until it is ready and the bot's long poll is parked.
-async fn start(stack: &Stack, mailboxes: usize) -> InProcess {
-    let relay = stack.start(&Tuning::default());
-    stack.wait_ready(mailboxes).await;
-    wait_for_bot(stack).await;
-    relay
-}
-
-async fn wait_for_bot(stack: &Stack) {
-    stack
-        .telegram
-        .wait_for_long_poll(WAIT)
-        .await
-        .unwrap_or_else(|e| panic!("the bot never long-polled: {e}"));
 }
 
 /// The highest call sequence number so far: calls after it are later than anything seen.
@@ -230,13 +235,6 @@ fn replies_after(stack: &Stack, chat: i64, after: u64) -> Vec<Call> {
         .into_iter()
         .filter(|c| is_reply_after(c, chat, after))
         .collect()
-}
-
-/// Pushes an update from `push` and returns the bot's first reply in `chat` to it.
-async fn exchange(stack: &Stack, chat: i64, push: impl FnOnce(&Stack) -> i64) -> Call {
-    let before = mark(stack);
-    push(stack);
-    reply_after(stack, chat, before).await
 }
 
 /// Any call carrying `chat` as its chat_id after `after` (whatever the method or outcome).
@@ -310,38 +308,303 @@ async fn confirmed(stack: &Stack, update_id: i64) {
         .unwrap_or_else(|e| panic!("the bot did not confirm update {update_id}: {e}"));
 }
 
-/// The relay started with a hand-edited config (`stack.start` only knows [`Tuning`]).
-struct Relay {
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+// ---------------------------------------------------------------------------------------------
+// The table: rows in the base, an update, the reply, what it writes
+// ---------------------------------------------------------------------------------------------
+
+/// A row seeded before the relay starts. Rows link to mailboxes by `Name`: [`REPORTS`] (the
+/// default) or a [`Row::Mailbox`] of the same case.
+enum Row {
+    /// One more mailbox row, with its own Dovecot account ([`add_mailbox`]).
+    Mailbox {
+        name: &'static str,
+        description: &'static str,
+    },
+    /// A users row ([`add_person`]).
+    Person {
+        name: String,
+        phone: String,
+        telegram_id: Option<i64>,
+        mailboxes: Vec<&'static str>,
+    },
+    /// A t_chats row ([`add_group_row`]).
+    Group {
+        name: &'static str,
+        chat_id: Option<i64>,
+        locked: bool,
+        mailboxes: Vec<&'static str>,
+    },
 }
 
-impl Relay {
-    fn start_with_country_code(stack: &Stack, code: &str) -> Self {
-        let path = stack.write_config(&Tuning::default());
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replacen(
-            "telegram:\n",
-            &format!("telegram:\n  default_country_code: \"{code}\"\n"),
-            1,
-        );
-        std::fs::write(&path, text).unwrap();
-        let config = report_relay::config::Config::load(&path).unwrap();
-        let stop = CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(report_relay::app::run(config, async move {
-            signal.cancelled().await
-        }));
-        Self { stop, task }
+fn mailbox(name: &'static str, description: &'static str) -> Row {
+    Row::Mailbox { name, description }
+}
+
+/// A users row linked to the default mailbox, with the phone as the administrator typed it.
+fn person(name: &str, phone: &str, telegram_id: Option<i64>) -> Row {
+    Row::Person {
+        name: name.to_owned(),
+        phone: phone.to_owned(),
+        telegram_id,
+        mailboxes: vec![REPORTS],
+    }
+}
+
+/// A t_chats row linked to the default mailbox.
+fn group(name: &'static str, chat_id: Option<i64>, locked: bool) -> Row {
+    Row::Group {
+        name,
+        chat_id,
+        locked,
+        mailboxes: vec![REPORTS],
+    }
+}
+
+impl Row {
+    /// The row linked to these mailboxes instead (links are in no particular order).
+    fn linked(mut self, to: &[&'static str]) -> Self {
+        match &mut self {
+            Row::Person { mailboxes, .. } | Row::Group { mailboxes, .. } => {
+                *mailboxes = to.to_vec()
+            }
+            Row::Mailbox { .. } => panic!("a mailbox row links to nothing"),
+        }
+        self
+    }
+}
+
+/// A Telegram update and the chat the bot answers it in.
+enum Event {
+    /// `/start` in the user's private chat.
+    Start(TgUser),
+    /// A command in the user's private chat.
+    Command(TgUser, &'static str),
+    /// The user shares a contact card in the private chat.
+    Contact(TgUser, Box<ContactCard>),
+    /// [`admin`] adds the bot to the chat as a plain member.
+    Added(TgChat),
+    /// [`admin`] promotes the bot to administrator.
+    Promoted(TgChat),
+    /// [`admin`] adds the bot as administrator right away.
+    AddedAsAdmin(TgChat),
+}
+
+/// The user shares their own contact card with this number.
+fn contact(user: TgUser, phone: &str) -> Event {
+    let card = ContactCard::own(&user, phone);
+    Event::Contact(user, Box::new(card))
+}
+
+impl Event {
+    /// The chat the reply goes to.
+    fn chat(&self) -> i64 {
+        match self {
+            Event::Start(user) | Event::Command(user, _) | Event::Contact(user, _) => user.id,
+            Event::Added(chat) | Event::Promoted(chat) | Event::AddedAsAdmin(chat) => chat.id,
+        }
+    }
+
+    /// Pushes the update; returns its update_id.
+    fn push(&self, stack: &Stack) -> i64 {
+        let telegram = &stack.telegram;
+        match self {
+            Event::Start(user) => telegram.push_start(user),
+            Event::Command(user, command) => {
+                telegram.push_command(&TgChat::private(user), user, command)
+            }
+            Event::Contact(user, card) => telegram.push_contact(user, (**card).clone()),
+            Event::Added(chat) => telegram.push_bot_added(chat, &admin()),
+            Event::Promoted(chat) => telegram.push_bot_promoted(chat, &admin()),
+            Event::AddedAsAdmin(chat) => telegram.push_bot_added_as_admin(chat, &admin()),
+        }
+    }
+}
+
+/// The bot's expected reply: its text and, where a case says so, its `reply_markup`.
+struct Reply {
+    text: String,
+    markup: Option<Option<Value>>,
+}
+
+/// A reply with this text (whatever its markup).
+fn says(text: impl Into<String>) -> Reply {
+    Reply {
+        text: text.into(),
+        markup: None,
+    }
+}
+
+impl Reply {
+    /// The reply also has exactly this `reply_markup` (`None`: none at all).
+    fn with_markup(self, markup: Option<Value>) -> Self {
+        Self {
+            markup: Some(markup),
+            ..self
+        }
+    }
+
+    fn check(&self, call: &Call) {
+        assert_eq!(call.text.as_deref(), Some(self.text.as_str()));
+        if let Some(markup) = &self.markup {
+            assert_eq!(&call.reply_markup, markup);
+        }
+    }
+}
+
+/// The answer to an accepted contact: the mailbox list, and the contact keyboard removed.
+fn registered(mailboxes: &[&str]) -> Reply {
+    says(registered_reply(mailboxes)).with_markup(Some(json!({"remove_keyboard": true})))
+}
+
+/// The answer to a registered person's `/start`: their mailboxes, no keyboard.
+fn listing(mailboxes: &[&str]) -> Reply {
+    says(texts::mailbox_list(&names(mailboxes))).with_markup(None)
+}
+
+fn group_registered(title: &str, mailboxes: &[&str]) -> Reply {
+    says(group_registered_reply(title, mailboxes))
+}
+
+/// One exchange with the bot.
+struct Case {
+    /// The base before the relay starts (besides the default mailbox).
+    rows: Vec<Row>,
+    event: Event,
+    reply: Reply,
+    /// The cells the update writes, by the `Name` of a seeded row; every other users and
+    /// t_chats row stays as it was. Empty: nothing is written.
+    writes: Vec<(&'static str, Value)>,
+}
+
+/// Plays a case whose exchange is the whole test.
+async fn check(case: Case) {
+    case.run().await.stop().await;
+}
+
+impl Case {
+    async fn run(self) -> Session {
+        self.run_with(&Tuning::default()).await
+    }
+
+    async fn run_with(self, tuning: &Tuning) -> Session {
+        let session = Session::open_with(self.rows, tuning).await;
+        session
+            .exchange(&self.event, &self.reply, &self.writes)
+            .await;
+        session
+    }
+}
+
+/// The stack with its seeded rows, the relay running and ready, the bot's long poll parked.
+struct Session {
+    stack: Stack,
+    relay: InProcess,
+    /// Table, `Name` and `_id` of every seeded users and t_chats row.
+    seeded: Vec<(&'static str, String, String)>,
+}
+
+impl Deref for Session {
+    type Target = Stack;
+
+    fn deref(&self) -> &Stack {
+        &self.stack
+    }
+}
+
+impl Session {
+    async fn open(rows: Vec<Row>) -> Self {
+        Self::open_with(rows, &Tuning::default()).await
+    }
+
+    async fn open_with(rows: Vec<Row>, tuning: &Tuning) -> Self {
+        let stack = Stack::new().await;
+        let mut mailboxes = HashMap::from([(REPORTS, stack.mailbox_row.clone())]);
+        for row in &rows {
+            if let Row::Mailbox { name, description } = row {
+                mailboxes.insert(name, add_mailbox(&stack, name, description));
+            }
+        }
+        let links = |names: &[&str]| -> Vec<String> {
+            names.iter().map(|name| mailboxes[name].clone()).collect()
+        };
+        let mut seeded = Vec::new();
+        for row in &rows {
+            match row {
+                Row::Mailbox { .. } => {}
+                Row::Person {
+                    name,
+                    phone,
+                    telegram_id,
+                    mailboxes,
+                } => {
+                    let id = add_person(&stack, name, phone, *telegram_id, &links(mailboxes));
+                    seeded.push(("users", name.clone(), id));
+                }
+                Row::Group {
+                    name,
+                    chat_id,
+                    locked,
+                    mailboxes,
+                } => {
+                    let id = add_group_row(&stack, name, *chat_id, *locked, &links(mailboxes));
+                    seeded.push(("t_chats", (*name).to_owned(), id));
+                }
+            }
+        }
+        let relay = stack.start(tuning);
+        stack.wait_ready(mailboxes.len()).await;
+        stack
+            .telegram
+            .wait_for_long_poll(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("the bot never long-polled: {e}"));
+        Self {
+            stack,
+            relay,
+            seeded,
+        }
+    }
+
+    /// The table and `_id` of the seeded row with this `Name`.
+    fn row(&self, name: &str) -> (&'static str, &str) {
+        let mut found = self.seeded.iter().filter(|(_, n, _)| n == name);
+        let (table, _, id) = found
+            .next()
+            .unwrap_or_else(|| panic!("no seeded row {name:?}"));
+        assert!(found.next().is_none(), "two seeded rows {name:?}");
+        (table, id)
+    }
+
+    /// The user-visible cells of the seeded row with this `Name`.
+    fn cells(&self, name: &str) -> Map<String, Value> {
+        let (table, id) = self.row(name);
+        cells(self, table, id)
+    }
+
+    /// Waits until every key of `expected` has that value in the seeded row with this `Name`.
+    async fn expect_cells(&self, name: &str, expected: &Value) {
+        let (table, id) = self.row(name);
+        expect_cells(self, table, id, expected).await;
+    }
+
+    /// Pushes `event` and checks the bot's first reply to it against `reply`, then waits for
+    /// `writes` and checks that no other users or t_chats row changed. Returns the reply.
+    async fn exchange(&self, event: &Event, reply: &Reply, writes: &[(&str, Value)]) -> Call {
+        let written: Vec<&str> = writes.iter().map(|(name, _)| self.row(name).1).collect();
+        let before = snapshot(self, &written);
+        let after = mark(self);
+        event.push(self);
+        let call = reply_after(self, event.chat(), after).await;
+        reply.check(&call);
+        for (name, expected) in writes {
+            self.expect_cells(name, expected).await;
+        }
+        assert_eq!(snapshot(self, &written), before, "nothing else is written");
+        call
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("the relay stops within 30 s")
-            .expect("the relay task does not panic")
-            .expect("the relay exits cleanly");
+        self.relay.stop().await;
     }
 }
 
@@ -351,64 +614,47 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_from_an_unknown_person_offers_the_contact_button() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    // Carol's row exists but is not registered; nobody has her id.
-    add_person(&stack, "Carol", "+7 999 555-44-33", None, &[&mailbox]);
-    let relay = start(&stack, 1).await;
-
-    let carol = TgUser::new(CAROL, "Carol");
-    let reply = exchange(&stack, CAROL, |s| s.telegram.push_start(&carol)).await;
-    assert_eq!(reply.text.as_deref(), Some(texts::START_UNREGISTERED));
-    assert_eq!(reply.reply_markup, Some(contact_keyboard()));
-    relay.stop().await;
+    check(Case {
+        // Carol's row exists but is not registered; nobody has her id.
+        rows: vec![person("Carol", "+7 999 555-44-33", None)],
+        event: Event::Start(TgUser::new(CAROL, "Carol")),
+        reply: says(texts::START_UNREGISTERED).with_markup(Some(contact_keyboard())),
+        writes: vec![],
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_from_a_registered_person_lists_their_mailboxes() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let marketing = add_mailbox(&stack, "Marketing", "");
-    let finance = add_mailbox(&stack, "Finance", "Finance digest");
-    // Ann has two rows (e.g. two departments); Sales is linked to both. Links are in no
-    // particular order.
-    add_person(
-        &stack,
-        "Ann",
-        ANN_PHONE_TYPED,
-        Some(ANN),
-        &[&sales, &marketing],
-    );
-    add_person(
-        &stack,
-        "Ann (finance)",
-        "89991234567",
-        Some(ANN),
-        &[&finance, &sales],
-    );
-    // Bob is registered but receives nothing yet.
-    add_person(&stack, "Bob", "+7 999 765-43-21", Some(BOB), &[]);
-    let relay = start(&stack, 3).await;
-
-    let reply = exchange(&stack, ANN, |s| s.telegram.push_start(&ann())).await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::mailbox_list(&names(&["Finance digest", "Marketing", SALES])).as_str())
-    );
-    assert_eq!(reply.reply_markup, None);
-
-    let reply = exchange(&stack, BOB, |s| s.telegram.push_start(&bob())).await;
-    assert_eq!(reply.text.as_deref(), Some(texts::NO_MAILBOXES));
-    assert_eq!(reply.reply_markup, None);
-    relay.stop().await;
+    let session = Case {
+        rows: vec![
+            mailbox("Marketing", ""),
+            mailbox("Finance", "Finance digest"),
+            // Ann has two rows (e.g. two departments); Sales is linked to both. Links are in no
+            // particular order.
+            person("Ann", ANN_PHONE_TYPED, Some(ANN)).linked(&[REPORTS, "Marketing"]),
+            person("Ann (finance)", "89991234567", Some(ANN)).linked(&["Finance", REPORTS]),
+            // Bob is registered but receives nothing yet.
+            person("Bob", "+7 999 765-43-21", Some(BOB)).linked(&[]),
+        ],
+        event: Event::Start(ann()),
+        reply: listing(&["Finance digest", "Marketing", SALES]),
+        writes: vec![],
+    }
+    .run()
+    .await;
+    let bob_start = says(texts::NO_MAILBOXES).with_markup(None);
+    session
+        .exchange(&Event::Start(bob()), &bob_start, &[])
+        .await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_and_the_command_menu() {
-    let stack = Stack::new().await;
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![]).await;
 
-    let calls = stack
+    let calls = session
         .telegram
         .wait_for(
             |calls| {
@@ -442,33 +688,29 @@ async fn help_and_the_command_menu() {
         BTreeSet::from(["help", "start"])
     );
 
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_command(&TgChat::private(&ann()), &ann(), "/help")
-    })
-    .await;
-    assert_eq!(reply.text.as_deref(), Some(texts::HELP));
-    relay.stop().await;
+    session
+        .exchange(&Event::Command(ann(), "/help"), &says(texts::HELP), &[])
+        .await;
+    session.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 2. Which contacts are accepted
 // ---------------------------------------------------------------------------------------------
 
-/// Ann (and Bob) on the list, unregistered; `card` is pushed by Ann; the answer must be
-/// NOT_YOUR_CONTACT and no users row may change.
+/// Ann (and Other) on the list, unregistered; `card` is pushed by Ann; the answer must be
+/// NOT_YOUR_CONTACT and no row may change.
 async fn contact_is_refused(card: ContactCard) {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    add_person(&stack, "Ann", ANN_PHONE_TYPED, None, &[&mailbox]);
-    add_person(&stack, "Other", "+7 999 222-33-44", None, &[&mailbox]);
-    let before = table(&stack, "users");
-    let relay = start(&stack, 1).await;
-
-    let reply = exchange(&stack, ANN, |s| s.telegram.push_contact(&ann(), card)).await;
-    assert_eq!(reply.text.as_deref(), Some(texts::NOT_YOUR_CONTACT));
-    assert_eq!(table(&stack, "users"), before, "nothing is written");
-    relay.stop().await;
+    check(Case {
+        rows: vec![
+            person("Ann", ANN_PHONE_TYPED, None),
+            person("Other", "+7 999 222-33-44", None),
+        ],
+        event: Event::Contact(ann(), Box::new(card)),
+        reply: says(texts::NOT_YOUR_CONTACT),
+        writes: vec![],
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,25 +741,22 @@ async fn a_contact_without_user_id_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contact_shared_in_a_group_registers_nobody() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    add_person(&stack, "Ann", ANN_PHONE_TYPED, None, &[&mailbox]);
-    let before = table(&stack, "users");
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![person("Ann", ANN_PHONE_TYPED, None)]).await;
+    let before = snapshot(&session, &[]);
 
     let group = TgChat::group(BASIC, "Coffee corner");
-    let update = stack.telegram.push_message(
+    let update = session.telegram.push_message(
         &group,
         Some(&ann()),
         json!({"contact": {"phone_number": ANN_PHONE_TG, "first_name": "Ann", "user_id": ANN}}),
     );
-    confirmed(&stack, update).await;
+    confirmed(&session, update).await;
     // Updates of one chat are handled in order: once the promotion in the same group is
     // answered, the contact has been handled.
-    let barrier = mark(&stack);
-    stack.telegram.push_bot_promoted(&group, &admin());
+    let barrier = mark(&session);
+    Event::Promoted(group).push(&session);
     let not_configured = texts::group_not_configured("Coffee corner");
-    stack
+    session
         .telegram
         .wait_for(
             |calls| {
@@ -529,8 +768,8 @@ async fn a_contact_shared_in_a_group_registers_nobody() {
         )
         .await
         .unwrap_or_else(|e| panic!("no answer to the promotion: {e}"));
-    assert_eq!(table(&stack, "users"), before, "nothing is written");
-    relay.stop().await;
+    assert_eq!(snapshot(&session, &[]), before, "nothing is written");
+    session.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,47 +778,30 @@ async fn a_contact_shared_in_a_group_registers_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_writes_the_id_and_the_next_report_arrives_without_restart() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let row = add_person(&stack, "Ann", ANN_PHONE_TYPED, None, &[&mailbox]);
-    let bob_row = add_person(&stack, "Bob", "+7 999 222-33-44", None, &[&mailbox]);
-    let bob_before = cells(&stack, "users", &bob_row);
-    let relay = start(&stack, 1).await;
-
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_contact(&ann(), ContactCard::own(&ann(), ANN_PHONE_TG))
-    })
+    let session = Case {
+        rows: vec![
+            person("Ann", ANN_PHONE_TYPED, None),
+            person("Bob", "+7 999 222-33-44", None),
+        ],
+        event: contact(ann(), ANN_PHONE_TG),
+        reply: registered(&[SALES]),
+        writes: vec![("Ann", registered_person("Ann", ANN_PHONE_TYPED, ANN))],
+    }
+    .run()
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(registered_reply(&[SALES]).as_str())
-    );
-    assert_eq!(reply.reply_markup, Some(json!({"remove_keyboard": true})));
-    expect_cells(
-        &stack,
-        "users",
-        &row,
-        json!({"Name": "Ann", "phone": ANN_PHONE_TYPED, "id_telegram": ANN.to_string()}),
-    )
-    .await;
-    assert_eq!(cells(&stack, "users", &bob_row), bob_before);
 
     // The directory was refreshed: the very next report reaches Ann (cache_ttl_secs is 60,
     // longer than WAIT).
-    stack.deliver(&fixture("01_chart_png_report.eml")).await;
-    wait_reports(&stack, &[ANN], 1).await;
-    assert_eq!(report_calls(&stack, ANN).len(), 1);
-    assert_eq!(report_calls(&stack, ANN)[0].method, "sendPhoto");
+    session.deliver(&fixture("01_chart_png_report.eml")).await;
+    wait_reports(&session, &[ANN], 1).await;
+    assert_eq!(report_calls(&session, ANN).len(), 1);
+    assert_eq!(report_calls(&session, ANN)[0].method, "sendPhoto");
 
     // And /start now knows her.
-    let reply = exchange(&stack, ANN, |s| s.telegram.push_start(&ann())).await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::mailbox_list(&names(&[SALES])).as_str())
-    );
-    assert_eq!(reply.reply_markup, None);
-    relay.stop().await;
+    session
+        .exchange(&Event::Start(ann()), &listing(&[SALES]), &[])
+        .await;
+    session.stop().await;
 }
 
 /// A label and how to write a 10-digit national number that way.
@@ -587,8 +809,6 @@ type PhoneFormat = (&'static str, fn(&str) -> String);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_phone_format_matches_both_telegram_formats() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
     let typed: [PhoneFormat; 6] = [
         ("+7 (999) 123-45-67", |n| {
             format!("+7 ({}) {}-{}-{}", &n[..3], &n[3..6], &n[6..8], &n[8..])
@@ -607,216 +827,164 @@ async fn every_phone_format_matches_both_telegram_formats() {
         ("79991234567", |n| format!("7{n}")),
         ("+79991234567", |n| format!("+7{n}")),
     ];
-    struct Case {
+    struct Pair {
         label: String,
         user: TgUser,
-        row: String,
+        name: String,
         phone_tg: String,
     }
-    let mut cases = Vec::new();
+    let mut rows = Vec::new();
+    let mut pairs = Vec::new();
     for (i, (typed_label, typed_fmt)) in typed.iter().enumerate() {
         for (j, (sent_label, sent_fmt)) in sent.iter().enumerate() {
             let k = i * sent.len() + j;
             let national = format!("99912345{k:02}");
-            let user = TgUser::new(300_000_100 + k as i64, &format!("User {k}"));
-            let row = add_person(
-                &stack,
-                &format!("User {k}"),
-                &typed_fmt(&national),
-                None,
-                &[&mailbox],
-            );
-            cases.push(Case {
+            let name = format!("User {k}");
+            rows.push(person(&name, &typed_fmt(&national), None));
+            pairs.push(Pair {
                 label: format!("typed like {typed_label:?}, sent like {sent_label:?}"),
-                user,
-                row,
+                user: TgUser::new(300_000_100 + k as i64, &name),
+                name,
                 phone_tg: sent_fmt(&national),
             });
         }
     }
-    let relay = start(&stack, 1).await;
+    let session = Session::open(rows).await;
 
-    let before = mark(&stack);
-    for case in &cases {
-        stack
+    let before = mark(&session);
+    for pair in &pairs {
+        session
             .telegram
-            .push_contact(&case.user, ContactCard::own(&case.user, &case.phone_tg));
+            .push_contact(&pair.user, ContactCard::own(&pair.user, &pair.phone_tg));
     }
     let expected = registered_reply(&[SALES]);
     let mut failures = Vec::new();
-    for case in &cases {
-        let reply = reply_after(&stack, case.user.id, before).await;
+    for pair in &pairs {
+        let reply = reply_after(&session, pair.user.id, before).await;
         if reply.text.as_deref() != Some(expected.as_str()) {
-            failures.push(format!("{}: replied {:?}", case.label, reply.text));
+            failures.push(format!("{}: replied {:?}", pair.label, reply.text));
             continue;
         }
-        let id = cells(&stack, "users", &case.row)["id_telegram"].clone();
-        if id != json!(case.user.id.to_string()) {
-            failures.push(format!("{}: id_telegram is {id}", case.label));
+        let id = session.cells(&pair.name)["id_telegram"].clone();
+        if id != json!(pair.user.id.to_string()) {
+            failures.push(format!("{}: id_telegram is {id}", pair.label));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
-    relay.stop().await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_national_number_takes_the_configured_country_code() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let row = add_person(&stack, "Ann", "(202) 555-0143", None, &[&mailbox]);
-    let relay = Relay::start_with_country_code(&stack, "1");
-    stack.wait_ready(1).await;
-    wait_for_bot(&stack).await;
-
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_contact(&ann(), ContactCard::own(&ann(), "12025550143"))
-    })
+    let us = Tuning {
+        default_country_code: Some("1"),
+        ..Tuning::default()
+    };
+    Case {
+        rows: vec![person("Ann", "(202) 555-0143", None)],
+        event: contact(ann(), "12025550143"),
+        reply: registered(&[SALES]),
+        writes: vec![(
+            "Ann",
+            json!({"phone": "(202) 555-0143", "id_telegram": ANN.to_string()}),
+        )],
+    }
+    .run_with(&us)
+    .await
+    .stop()
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(registered_reply(&[SALES]).as_str())
-    );
-    assert_eq!(reply.reply_markup, Some(json!({"remove_keyboard": true})));
-    expect_cells(
-        &stack,
-        "users",
-        &row,
-        json!({"phone": "(202) 555-0143", "id_telegram": ANN.to_string()}),
-    )
-    .await;
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_number_not_on_the_list_is_refused_and_nothing_is_written() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    add_person(&stack, "Ann", ANN_PHONE_TYPED, None, &[&mailbox]);
-    add_person(&stack, "Dan", "8 999 111 22 33", None, &[&mailbox]);
-    let before = table(&stack, "users");
-    let relay = start(&stack, 1).await;
-
-    // One digit off Ann's number.
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_contact(&ann(), ContactCard::own(&ann(), "79991234568"))
-    })
+    let session = Case {
+        rows: vec![
+            person("Ann", ANN_PHONE_TYPED, None),
+            person("Dan", "8 999 111 22 33", None),
+        ],
+        // One digit off Ann's number.
+        event: contact(ann(), "79991234568"),
+        reply: says(texts::NOT_ON_LIST),
+        writes: vec![],
+    }
+    .run()
     .await;
-    assert_eq!(reply.text.as_deref(), Some(texts::NOT_ON_LIST));
     // Dan's national number under another country code is another number.
-    let reply = exchange(&stack, BOB, |s| {
-        s.telegram
-            .push_contact(&bob(), ContactCard::own(&bob(), "+19991112233"))
-    })
+    let not_on_list = says(texts::NOT_ON_LIST);
+    session
+        .exchange(&contact(bob(), "+19991112233"), &not_on_list, &[])
+        .await;
+    session.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_numbers_never_match_a_russian_row_through_national_rules() {
+    // Telegram sends +47 41 23 45 67 (Norway) as 4741234567 and +84 91 234 56 78 (Vietnam) as
+    // 84912345678; read with the SeaTable rules for national numbers they would be
+    // +7 474 123-45-67 and +7 491 234-56-78, other people's rows. The Norwegian number
+    // registers only its own row; the Vietnamese one, without a row, nobody.
+    let session = Case {
+        rows: vec![
+            person("Ivan", "+7 474 123-45-67", None),
+            person("Dan", "8 491 234 56 78", None),
+            person("Ola", "+47 41 23 45 67", None),
+        ],
+        event: contact(ann(), "4741234567"),
+        reply: registered(&[SALES]),
+        writes: vec![("Ola", registered_person("Ola", "+47 41 23 45 67", ANN))],
+    }
+    .run()
     .await;
-    assert_eq!(reply.text.as_deref(), Some(texts::NOT_ON_LIST));
-    assert_eq!(table(&stack, "users"), before, "nothing is written");
-    relay.stop().await;
+    let not_on_list = says(texts::NOT_ON_LIST);
+    session
+        .exchange(&contact(bob(), "84912345678"), &not_on_list, &[])
+        .await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rows_with_the_same_number_both_get_the_id() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let marketing = add_mailbox(&stack, "Marketing", "");
-    let first = add_person(&stack, "Ann", ANN_PHONE_TYPED, None, &[&sales]);
-    let second = add_person(
-        &stack,
-        "Ann (marketing)",
-        "89991234567",
-        None,
-        &[&marketing, &sales],
-    );
-    let other = add_person(&stack, "Bob", "+7 999 222-33-44", None, &[&sales]);
-    let other_before = cells(&stack, "users", &other);
-    let relay = start(&stack, 2).await;
-
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_contact(&ann(), ContactCard::own(&ann(), "+79991234567"))
+    check(Case {
+        rows: vec![
+            mailbox("Marketing", ""),
+            person("Ann", ANN_PHONE_TYPED, None),
+            person("Ann (marketing)", "89991234567", None).linked(&["Marketing", REPORTS]),
+            person("Bob", "+7 999 222-33-44", None),
+        ],
+        event: contact(ann(), "+79991234567"),
+        reply: registered(&["Marketing", SALES]),
+        writes: vec![
+            ("Ann", registered_person("Ann", ANN_PHONE_TYPED, ANN)),
+            (
+                "Ann (marketing)",
+                registered_person("Ann (marketing)", "89991234567", ANN),
+            ),
+        ],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(registered_reply(&["Marketing", SALES]).as_str())
-    );
-    assert_eq!(reply.reply_markup, Some(json!({"remove_keyboard": true})));
-    expect_cells(
-        &stack,
-        "users",
-        &first,
-        json!({"Name": "Ann", "phone": ANN_PHONE_TYPED, "id_telegram": ANN.to_string()}),
-    )
-    .await;
-    expect_cells(
-        &stack,
-        "users",
-        &second,
-        json!({"Name": "Ann (marketing)", "phone": "89991234567",
-               "id_telegram": ANN.to_string()}),
-    )
-    .await;
-    assert_eq!(cells(&stack, "users", &other), other_before);
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_again_with_the_same_id_answers_the_same() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let row = add_person(&stack, "Ann", ANN_PHONE_TYPED, Some(ANN), &[&mailbox]);
-    let before = cells(&stack, "users", &row);
-    let relay = start(&stack, 1).await;
-
+    let session = Session::open(vec![person("Ann", ANN_PHONE_TYPED, Some(ANN))]).await;
     for _ in 0..2 {
-        let reply = exchange(&stack, ANN, |s| {
-            s.telegram
-                .push_contact(&ann(), ContactCard::own(&ann(), ANN_PHONE_TG))
-        })
-        .await;
-        assert_eq!(
-            reply.text.as_deref(),
-            Some(registered_reply(&[SALES]).as_str())
-        );
-        assert_eq!(reply.reply_markup, Some(json!({"remove_keyboard": true})));
-        assert_eq!(cells(&stack, "users", &row), before);
+        session
+            .exchange(&contact(ann(), ANN_PHONE_TG), &registered(&[SALES]), &[])
+            .await;
     }
-    relay.stop().await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_account_overwrites_the_old_id() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
     const OLD_ACCOUNT: i64 = 999_888_777;
-    let row = add_person(
-        &stack,
-        "Ann",
-        ANN_PHONE_TYPED,
-        Some(OLD_ACCOUNT),
-        &[&mailbox],
-    );
-    let relay = start(&stack, 1).await;
-
-    let reply = exchange(&stack, ANN, |s| {
-        s.telegram
-            .push_contact(&ann(), ContactCard::own(&ann(), ANN_PHONE_TG))
+    check(Case {
+        rows: vec![person("Ann", ANN_PHONE_TYPED, Some(OLD_ACCOUNT))],
+        event: contact(ann(), ANN_PHONE_TG),
+        reply: registered(&[SALES]),
+        writes: vec![("Ann", registered_person("Ann", ANN_PHONE_TYPED, ANN))],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(registered_reply(&[SALES]).as_str())
-    );
-    assert_eq!(reply.reply_markup, Some(json!({"remove_keyboard": true})));
-    expect_cells(
-        &stack,
-        "users",
-        &row,
-        json!({"Name": "Ann", "phone": ANN_PHONE_TYPED, "id_telegram": ANN.to_string()}),
-    )
-    .await;
-    relay.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -825,57 +993,61 @@ async fn a_new_account_overwrites_the_old_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_who_blocked_the_bot_is_skipped_until_their_next_start() {
-    let stack = Stack::new().await;
-    let mailbox = stack.mailbox_row.clone();
-    let ann_row = stack.add_user("Ann", Some(ANN), &[&mailbox]);
-    stack.add_user("Bob", Some(BOB), &[&mailbox]);
-    let ann_before = cells(&stack, "users", &ann_row);
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![
+        person("Ann", "+7 999 000-00-00", Some(ANN)),
+        person("Bob", "+7 999 000-00-00", Some(BOB)),
+    ])
+    .await;
+    let ann_before = session.cells("Ann");
 
-    let blocked_at = mark(&stack);
-    let update = stack.telegram.push_bot_blocked(&ann());
+    let blocked_at = mark(&session);
+    let update = session.telegram.push_bot_blocked(&ann());
     // As Telegram would, the fake now refuses sends to Ann.
-    stack.telegram.block_chat(ANN);
-    confirmed(&stack, update).await;
+    session.telegram.block_chat(ANN);
+    confirmed(&session, update).await;
 
-    stack.deliver(&fixture("01_chart_png_report.eml")).await;
-    wait_reports(&stack, &[BOB], 1).await;
+    session.deliver(&fixture("01_chart_png_report.eml")).await;
+    wait_reports(&session, &[BOB], 1).await;
     assert!(
-        calls_to_after(&stack, ANN, blocked_at).is_empty(),
+        calls_to_after(&session, ANN, blocked_at).is_empty(),
         "no attempt to reach Ann while she blocks the bot: {:?}",
-        summary(&calls_to_after(&stack, ANN, blocked_at))
+        summary(&calls_to_after(&session, ANN, blocked_at))
     );
     assert_eq!(
-        cells(&stack, "users", &ann_row),
+        session.cells("Ann"),
         ann_before,
         "the block is not written to SeaTable"
     );
 
     // Ann unblocks and sends /start.
-    stack.telegram.clear_chat_state(ANN);
-    let reply = exchange(&stack, ANN, |s| s.telegram.push_start(&ann())).await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::mailbox_list(&names(&[SALES])).as_str())
-    );
-    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
-    wait_reports(&stack, &[ANN, BOB], 1).await;
-    wait_reports(&stack, &[BOB], 2).await;
+    session.telegram.clear_chat_state(ANN);
+    let reply = session
+        .exchange(
+            &Event::Start(ann()),
+            &says(texts::mailbox_list(&names(&[SALES]))),
+            &[],
+        )
+        .await;
+    session
+        .deliver(&fixture("03_dashboard_pdf_report.eml"))
+        .await;
+    wait_reports(&session, &[ANN, BOB], 1).await;
+    wait_reports(&session, &[BOB], 2).await;
 
     // Deliveries to one chat are in order, so an attempt at the first report would have come
     // before the second one: Ann got only the second, and nothing at all while blocked.
-    let to_ann = report_calls(&stack, ANN);
+    let to_ann = report_calls(&session, ANN);
     assert_eq!(to_ann.len(), 1, "{:?}", summary(&to_ann));
     assert_eq!(to_ann[0].method, "sendDocument");
     assert!(
-        calls_to_after(&stack, ANN, blocked_at)
+        calls_to_after(&session, ANN, blocked_at)
             .iter()
             .all(|c| c.seq >= reply.seq),
         "no call to Ann before her /start: {:?}",
-        summary(&calls_to_after(&stack, ANN, blocked_at))
+        summary(&calls_to_after(&session, ANN, blocked_at))
     );
-    assert_eq!(cells(&stack, "users", &ann_row), ann_before);
-    relay.stop().await;
+    assert_eq!(session.cells("Ann"), ann_before);
+    session.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,193 +1056,104 @@ async fn a_person_who_blocked_the_bot_is_skipped_until_their_next_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoting_the_bot_in_a_group_binds_the_free_row() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let marketing = add_mailbox(&stack, "Marketing", "");
-    let row = add_group_row(&stack, "Sales team", None, false, &[&sales, &marketing]);
-    let other = add_group_row(&stack, "Finance", None, false, &[&sales]);
-    let other_before = cells(&stack, "t_chats", &other);
-    let relay = start(&stack, 2).await;
-
-    let group = TgChat::group(BASIC, "Sales team");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![
+            mailbox("Marketing", ""),
+            group("Sales team", None, false).linked(&[REPORTS, "Marketing"]),
+            group("Finance", None, false),
+        ],
+        event: Event::Promoted(TgChat::group(BASIC, "Sales team")),
+        reply: group_registered("Sales team", &["Marketing", SALES]),
+        writes: vec![("Sales team", bound_group("Sales team", BASIC))],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &["Marketing", SALES]).as_str())
-    );
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-987654321", "is_locked": true}),
-    )
-    .await;
-    assert_eq!(cells(&stack, "t_chats", &other), other_before);
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_supergroup_added_directly_as_administrator_binds_the_free_row() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::supergroup(SUPER, "Sales team");
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_added_as_admin(&group, &admin())
+    check(Case {
+        rows: vec![group("Sales team", None, false)],
+        event: Event::AddedAsAdmin(TgChat::supergroup(SUPER, "Sales team")),
+        reply: group_registered("Sales team", &[SALES]),
+        writes: vec![("Sales team", bound_group("Sales team", SUPER))],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-1001987654321", "is_locked": true}),
-    )
-    .await;
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn titles_match_after_trimming_and_collapsing_whitespace() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, " Sales  team ", None, false, &[&sales]);
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::supergroup(SUPER, "Sales   team  ");
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![group(" Sales  team ", None, false)],
+        event: Event::Promoted(TgChat::supergroup(SUPER, "Sales   team  ")),
+        reply: group_registered("Sales team", &[SALES]),
+        writes: vec![(" Sales  team ", bound_group(" Sales  team ", SUPER))],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": " Sales  team ", "id_telegram_chat": "-1001987654321", "is_locked": true}),
-    )
-    .await;
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_title_with_no_row_is_not_configured() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    add_group_row(&stack, "Marketing", None, false, &[&sales]);
-    let before = table(&stack, "t_chats");
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::group(BASIC, "  Marketing   weekly ");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![
+            group("Sales team", None, false),
+            group("Marketing", None, false),
+        ],
+        event: Event::Promoted(TgChat::group(BASIC, "  Marketing   weekly ")),
+        reply: says(texts::group_not_configured("Marketing weekly")),
+        writes: vec![],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::group_not_configured("Marketing weekly").as_str())
-    );
-    assert_eq!(table(&stack, "t_chats"), before);
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn titles_are_case_sensitive() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let before = table(&stack, "t_chats");
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::group(BASIC, "sales team");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![group("Sales team", None, false)],
+        event: Event::Promoted(TgChat::group(BASIC, "sales team")),
+        reply: says(texts::group_not_configured("sales team")),
+        writes: vec![],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::group_not_configured("sales team").as_str())
-    );
-    assert_eq!(table(&stack, "t_chats"), before);
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rows_with_the_title_are_ambiguous() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let before = table(&stack, "t_chats");
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::supergroup(SUPER, "Sales team");
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![
+            group("Sales team", None, false),
+            group("Sales team", None, false),
+        ],
+        event: Event::Promoted(TgChat::supergroup(SUPER, "Sales team")),
+        reply: says(texts::group_ambiguous("Sales team")),
+        writes: vec![],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::group_ambiguous("Sales team").as_str())
-    );
-    assert_eq!(table(&stack, "t_chats"), before, "nothing is written");
-    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promoting_again_in_the_bound_chat_is_an_idempotent_success() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", Some(SUPER), true, &[&sales]);
-    let before = cells(&stack, "t_chats", &row);
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::supergroup(SUPER, "Sales team");
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
+    check(Case {
+        rows: vec![group("Sales team", Some(SUPER), true)],
+        event: Event::Promoted(TgChat::supergroup(SUPER, "Sales team")),
+        reply: group_registered("Sales team", &[SALES]),
+        writes: vec![],
     })
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    assert_eq!(cells(&stack, "t_chats", &row), before);
-    relay.stop().await;
 }
 
 /// A row named "Sales team" with these cells; the bot is promoted in another chat with that
 /// title; the answer is group_taken and the row is unchanged.
 async fn a_taken_row_is_refused(chat_id: Option<i64>, locked: bool) {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", chat_id, locked, &[&sales]);
-    let before = cells(&stack, "t_chats", &row);
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::supergroup(SUPER, "Sales team");
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_promoted(&group, &admin())
-    })
+    let session = Case {
+        rows: vec![group("Sales team", chat_id, locked)],
+        event: Event::Promoted(TgChat::supergroup(SUPER, "Sales team")),
+        reply: says(texts::group_taken("Sales team")),
+        writes: vec![],
+    }
+    .run()
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::group_taken("Sales team").as_str())
-    );
-    assert_eq!(cells(&stack, "t_chats", &row), before);
-    assert_eq!(before["is_locked"], json!(locked));
-    relay.stop().await;
+    assert_eq!(session.cells("Sales team")["is_locked"], json!(locked));
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1090,40 +1173,18 @@ async fn a_reserved_row_locked_without_an_id_is_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_chat_with_the_same_title_is_refused() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let relay = start(&stack, 1).await;
-
-    let first = TgChat::group(BASIC, "Sales team");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_promoted(&first, &admin())
-    })
+    let session = Case {
+        rows: vec![group("Sales team", None, false)],
+        event: Event::Promoted(TgChat::group(BASIC, "Sales team")),
+        reply: group_registered("Sales team", &[SALES]),
+        writes: vec![("Sales team", bound_group("Sales team", BASIC))],
+    }
+    .run()
     .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-987654321", "is_locked": true}),
-    )
-    .await;
-    let bound = cells(&stack, "t_chats", &row);
-
-    let second = TgChat::supergroup(OTHER_SUPER, "Sales team");
-    let reply = exchange(&stack, OTHER_SUPER, |s| {
-        s.telegram.push_bot_promoted(&second, &admin())
-    })
-    .await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(texts::group_taken("Sales team").as_str())
-    );
-    assert_eq!(cells(&stack, "t_chats", &row), bound);
-    relay.stop().await;
+    let second = Event::Promoted(TgChat::supergroup(OTHER_SUPER, "Sales team"));
+    let taken = says(texts::group_taken("Sales team"));
+    session.exchange(&second, &taken, &[]).await;
+    session.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1132,81 +1193,76 @@ async fn a_second_chat_with_the_same_title_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_as_a_plain_member_asks_to_be_promoted() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let before = cells(&stack, "t_chats", &row);
-    let relay = start(&stack, 1).await;
-
-    let group = TgChat::group(BASIC, "Sales team");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_added(&group, &admin())
+    check(Case {
+        rows: vec![group("Sales team", None, false)],
+        event: Event::Added(TgChat::group(BASIC, "Sales team")),
+        reply: says(texts::ADDED_AS_MEMBER),
+        writes: vec![],
     })
     .await;
-    assert_eq!(reply.text.as_deref(), Some(texts::ADDED_AS_MEMBER));
-    assert_eq!(cells(&stack, "t_chats", &row), before);
-    relay.stop().await;
 }
 
 /// The registered group loses the bot (`kicked` or `left`): no reply, the next report skips it,
 /// and once it is promoted again it gets the following report.
 async fn a_removed_group_is_skipped_until_promoted_again(kicked: bool) {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", Some(SUPER), true, &[&sales]);
-    stack.add_user("Bob", Some(BOB), &[&sales]);
-    let before = cells(&stack, "t_chats", &row);
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![
+        group("Sales team", Some(SUPER), true),
+        person("Bob", "+7 999 000-00-00", Some(BOB)),
+    ])
+    .await;
+    let before = session.cells("Sales team");
 
     let group = TgChat::supergroup(SUPER, "Sales team");
-    let removed_at = mark(&stack);
+    let removed_at = mark(&session);
+    let telegram = &session.telegram;
     let update = if kicked {
-        let update = stack.telegram.push_bot_kicked(&group, &admin());
-        stack.telegram.set_chat_state(SUPER, ChatState::Kicked);
+        let update = telegram.push_bot_kicked(&group, &admin());
+        telegram.set_chat_state(SUPER, ChatState::Kicked);
         update
     } else {
-        let update = stack.telegram.push_bot_left(&group, &admin());
-        stack.telegram.set_chat_state(SUPER, ChatState::NotMember);
+        let update = telegram.push_bot_left(&group, &admin());
+        telegram.set_chat_state(SUPER, ChatState::NotMember);
         update
     };
-    confirmed(&stack, update).await;
+    confirmed(&session, update).await;
 
-    stack.deliver(&fixture("01_chart_png_report.eml")).await;
-    wait_reports(&stack, &[BOB], 1).await;
+    session.deliver(&fixture("01_chart_png_report.eml")).await;
+    wait_reports(&session, &[BOB], 1).await;
     assert!(
-        calls_to_after(&stack, SUPER, removed_at).is_empty(),
+        calls_to_after(&session, SUPER, removed_at).is_empty(),
         "nothing goes to the group after it removed the bot: {:?}",
-        summary(&calls_to_after(&stack, SUPER, removed_at))
+        summary(&calls_to_after(&session, SUPER, removed_at))
     );
 
     // Re-added as administrator. Updates of one chat are handled in order, so once this is
     // answered the removal was handled too, and it was not answered.
-    stack.telegram.clear_chat_state(SUPER);
-    let reply = exchange(&stack, SUPER, |s| {
-        s.telegram.push_bot_added_as_admin(&group, &admin())
-    })
-    .await;
+    session.telegram.clear_chat_state(SUPER);
+    let reply = session
+        .exchange(
+            &Event::AddedAsAdmin(group),
+            &group_registered("Sales team", &[SALES]),
+            &[],
+        )
+        .await;
     assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    assert_eq!(
-        replies_after(&stack, SUPER, removed_at).len(),
+        replies_after(&session, SUPER, removed_at).len(),
         1,
         "no reply to the removal"
     );
     assert!(
-        calls_to_after(&stack, SUPER, removed_at)
+        calls_to_after(&session, SUPER, removed_at)
             .iter()
             .all(|c| c.seq >= reply.seq),
         "no call to the group while the bot was out: {:?}",
-        summary(&calls_to_after(&stack, SUPER, removed_at))
+        summary(&calls_to_after(&session, SUPER, removed_at))
     );
 
-    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
-    wait_reports(&stack, &[SUPER], 1).await;
-    wait_reports(&stack, &[BOB], 2).await;
-    let to_group = report_calls(&stack, SUPER);
+    session
+        .deliver(&fixture("03_dashboard_pdf_report.eml"))
+        .await;
+    wait_reports(&session, &[SUPER], 1).await;
+    wait_reports(&session, &[BOB], 2).await;
+    let to_group = report_calls(&session, SUPER);
     assert_eq!(
         to_group.len(),
         1,
@@ -1214,8 +1270,8 @@ async fn a_removed_group_is_skipped_until_promoted_again(kicked: bool) {
         summary(&to_group)
     );
     assert_eq!(to_group[0].method, "sendDocument");
-    assert_eq!(cells(&stack, "t_chats", &row), before);
-    relay.stop().await;
+    assert_eq!(session.cells("Sales team"), before);
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1234,102 +1290,82 @@ async fn a_group_that_kicked_the_bot_is_skipped_until_promoted_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_that_migrates_when_the_bot_is_promoted_registers_its_new_id() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", None, false, &[&sales]);
-    let relay = start(&stack, 1).await;
-
     // Added as a member of the basic group first.
     let basic = TgChat::group(BASIC, "Sales team");
-    let reply = exchange(&stack, BASIC, |s| {
-        s.telegram.push_bot_added(&basic, &admin())
-    })
+    let session = Case {
+        rows: vec![group("Sales team", None, false)],
+        event: Event::Added(basic.clone()),
+        reply: says(texts::ADDED_AS_MEMBER),
+        writes: vec![],
+    }
+    .run()
     .await;
-    assert_eq!(reply.text.as_deref(), Some(texts::ADDED_AS_MEMBER));
 
     // Promoting the bot converts the group: the migration messages, then the promotion as seen
     // from the new supergroup.
-    let before = mark(&stack);
-    stack.telegram.push_migration(&basic, SUPER, &admin());
-    let supergroup = TgChat::supergroup(SUPER, "Sales team");
-    stack.telegram.push_bot_promoted(&supergroup, &admin());
-    let reply = reply_after(&stack, SUPER, before).await;
-    let expected = group_registered_reply("Sales team", &[SALES]);
-    assert_eq!(reply.text.as_deref(), Some(expected.as_str()));
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-1001987654321", "is_locked": true}),
-    )
-    .await;
-    let to_old: Vec<_> = calls_to_after(&stack, BASIC, before)
+    let before = mark(&session);
+    session.telegram.push_migration(&basic, SUPER, &admin());
+    let supergroup = Event::Promoted(TgChat::supergroup(SUPER, "Sales team"));
+    supergroup.push(&session);
+    let reply = reply_after(&session, SUPER, before).await;
+    let expected = group_registered("Sales team", &[SALES]);
+    expected.check(&reply);
+    session
+        .expect_cells("Sales team", &bound_group("Sales team", SUPER))
+        .await;
+    let to_old: Vec<_> = calls_to_after(&session, BASIC, before)
         .into_iter()
-        .filter(|c| c.text.as_deref() == Some(expected.as_str()))
+        .filter(|c| c.text.as_deref() == Some(expected.text.as_str()))
         .collect();
     assert!(
         to_old.is_empty(),
         "the success reply goes to the new chat: {:?}",
         summary(&to_old)
     );
-    relay.stop().await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_alone_moves_a_bound_row_to_the_new_id() {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", Some(BASIC), true, &[&sales]);
-    let other = add_group_row(&stack, "Finance", Some(OTHER_SUPER), true, &[&sales]);
-    let other_before = cells(&stack, "t_chats", &other);
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![
+        group("Sales team", Some(BASIC), true),
+        group("Finance", Some(OTHER_SUPER), true),
+    ])
+    .await;
+    let other_before = session.cells("Finance");
 
     let basic = TgChat::group(BASIC, "Sales team");
-    let (_, second) = stack.telegram.push_migration(&basic, SUPER, &admin());
-    confirmed(&stack, second).await;
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-1001987654321", "is_locked": true}),
-    )
-    .await;
-    assert_eq!(cells(&stack, "t_chats", &other), other_before);
-    relay.stop().await;
+    let (_, second) = session.telegram.push_migration(&basic, SUPER, &admin());
+    confirmed(&session, second).await;
+    session
+        .expect_cells("Sales team", &bound_group("Sales team", SUPER))
+        .await;
+    assert_eq!(session.cells("Finance"), other_before);
+    session.stop().await;
 }
 
 /// A row bound to the basic group (the bot was promoted there earlier); the group converts and
 /// Telegram reports the bot's administrator status from the new supergroup: same row, new id,
 /// an idempotent success in the new chat (not group_taken).
 async fn a_bound_group_that_migrates_keeps_its_row(promotion_first: bool) {
-    let stack = Stack::new().await;
-    let sales = stack.mailbox_row.clone();
-    let row = add_group_row(&stack, "Sales team", Some(BASIC), true, &[&sales]);
-    let relay = start(&stack, 1).await;
+    let session = Session::open(vec![group("Sales team", Some(BASIC), true)]).await;
 
     let basic = TgChat::group(BASIC, "Sales team");
-    let supergroup = TgChat::supergroup(SUPER, "Sales team");
-    let before = mark(&stack);
+    let promotion = Event::Promoted(TgChat::supergroup(SUPER, "Sales team"));
+    let before = mark(&session);
     if promotion_first {
-        stack.telegram.push_bot_promoted(&supergroup, &admin());
-        stack.telegram.push_migration(&basic, SUPER, &admin());
+        promotion.push(&session);
+        session.telegram.push_migration(&basic, SUPER, &admin());
     } else {
-        stack.telegram.push_migration(&basic, SUPER, &admin());
-        stack.telegram.push_bot_promoted(&supergroup, &admin());
+        session.telegram.push_migration(&basic, SUPER, &admin());
+        promotion.push(&session);
     }
-    let reply = reply_after(&stack, SUPER, before).await;
-    assert_eq!(
-        reply.text.as_deref(),
-        Some(group_registered_reply("Sales team", &[SALES]).as_str())
-    );
-    expect_cells(
-        &stack,
-        "t_chats",
-        &row,
-        json!({"Name": "Sales team", "id_telegram_chat": "-1001987654321", "is_locked": true}),
-    )
-    .await;
-    relay.stop().await;
+    let reply = reply_after(&session, SUPER, before).await;
+    group_registered("Sales team", &[SALES]).check(&reply);
+    session
+        .expect_cells("Sales team", &bound_group("Sales team", SUPER))
+        .await;
+    session.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 //! prose expectation); `manifest.extra.json` describes the generated ones (`fixtures/generate.py`)
 //! with their expected sends spelled out.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,6 +15,7 @@ use report_relay::replay::PlannedReport;
 use report_relay::report::Report;
 use report_relay::report::render::{self, PlanOptions};
 use serde_json::{Value, json};
+use support::entities::assert_no_broken_entity;
 
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/superset")
@@ -215,15 +218,7 @@ fn the_overflowing_caption_is_cut_at_1024_without_breaking_entities() {
     let length = visible.encode_utf16().count();
     assert!((1020..=1024).contains(&length), "{length}");
     assert!(visible.contains("…\n\nExplore in Superset"));
-    for (at, _) in caption.match_indices('&') {
-        let rest = &caption[at..];
-        assert!(
-            ["&amp;", "&lt;", "&gt;", "&quot;"]
-                .iter()
-                .any(|e| rest.starts_with(e)),
-            "broken entity at {at}: {rest:.20}"
-        );
-    }
+    assert_no_broken_entity(caption);
     for send in got["sends"].as_array().unwrap() {
         assert_eq!(send["items"][0]["kind"], "photo");
     }

@@ -1,8 +1,7 @@
 //! `SeaTableClient` and the schema tooling against the in-repo fake SeaTable server
 //! (`tests/support/seatable.rs`).
 
-#[path = "support/seatable.rs"]
-mod seatable_fake;
+mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,9 +11,11 @@ use report_relay::config::TableNames;
 use report_relay::metrics::Metrics;
 use report_relay::schema::{self, Schema};
 use report_relay::seatable::{ClientOptions, SeaTableClient, SeaTableError};
-use seatable_fake::{Endpoint, FakeSeaTable, LINK_CELL_CAP, Outage, Permission, Scope};
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
+use support::seatable::{
+    DTABLE_NAME, Endpoint, FakeSeaTable, LINK_CELL_CAP, Outage, Permission, Scope,
+};
 
 /// API tokens are 40 characters.
 const API_TOKEN: &str = "4f2b9c0d8e7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c";
@@ -80,10 +81,7 @@ async fn token_exchange_is_cached_and_tokens_stay_out_of_urls() {
     let (client, metrics) = connect(&fake);
     let info = client.login().await.unwrap();
     assert_eq!(info.dtable_uuid, fake.base_uuid());
-    assert_eq!(
-        info.dtable_name.as_deref(),
-        Some(seatable_fake::DTABLE_NAME)
-    );
+    assert_eq!(info.dtable_name.as_deref(), Some(DTABLE_NAME));
     assert_eq!(info.permission.as_deref(), Some("rw"));
     assert_eq!(info.gateway_url, format!("{}/", fake.gateway_url()));
 

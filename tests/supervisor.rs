@@ -1,59 +1,27 @@
 //! The supervisor against a real Dovecot, with an in-memory directory and a sink that panics
 //! once: the panicked watcher is restarted and the message is not lost.
 
-#[path = "support/dovecot.rs"]
-mod dovecot;
+mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use report_relay::config::Config;
-use report_relay::directory::{Directory, DirectoryBackend, Snapshot};
+use report_relay::directory::{Directory, Snapshot};
 use report_relay::imap::{Checkpoint, FetchedMessage, MessageSink};
 use report_relay::metrics::Metrics;
 use report_relay::state::State;
 use report_relay::supervisor::{Supervisor, Watchers};
-use serde_json::json;
+use support::directory::{ReadOnly, one_mailbox};
+use support::dovecot::Dovecot;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 const ADDRESS: &str = "reports@test.local";
-
-/// A directory of one mailbox row whose `disabled` flag the test can flip.
-struct OneMailbox {
-    disabled: Mutex<bool>,
-}
-
-impl DirectoryBackend for OneMailbox {
-    fn fetch(&self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
-        let disabled = *self.disabled.lock().unwrap();
-        Box::pin(async move {
-            let row = json!({"_id": "m1", "Name": "reports", "email": ADDRESS,
-                             "imap_password": "secret", "disabled": disabled});
-            Ok(Snapshot::from_rows(
-                &[],
-                &[row.as_object().unwrap().clone()],
-                &[],
-            ))
-        })
-    }
-    fn write_last_uid(&self, _: &str, _: u32) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn rewrite_group_chat_id(&self, _: i64, _: i64) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn write_user_telegram_id(&self, _: &str, _: i64) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn claim_group(&self, _: &str, _: i64) -> BoxFuture<'_, anyhow::Result<bool>> {
-        Box::pin(async { Ok(false) })
-    }
-}
 
 /// Keeps checkpoints in memory; the first acknowledge panics.
 #[derive(Default)]
@@ -109,7 +77,7 @@ async fn wait_until(sink: &PanicOnce, mut done: impl FnMut(&PanicOnce) -> bool) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
-    let server = dovecot::Dovecot::start().await.unwrap();
+    let server = Dovecot::start().await.unwrap();
     server.add_user(ADDRESS, "secret").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
@@ -120,9 +88,15 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
         dir.path().join("state.db").display()
     );
     let config = Arc::new(Config::from_yaml(&yaml, Path::new("test.yaml"), &|_| None).unwrap());
-    let backend = Arc::new(OneMailbox {
-        disabled: Mutex::new(false),
-    });
+    // One mailbox row whose `disabled` flag the test can flip.
+    let disabled = Arc::new(AtomicBool::new(false));
+    let flag = disabled.clone();
+    let backend = Arc::new(ReadOnly(
+        move || -> BoxFuture<'static, anyhow::Result<Snapshot>> {
+            let snapshot = one_mailbox(ADDRESS, flag.load(Ordering::SeqCst));
+            Box::pin(async move { Ok(snapshot) })
+        },
+    ));
     let state = State::open(&config.state.path).unwrap();
     let directory = Arc::new(Directory::new(
         backend.clone(),
@@ -156,7 +130,7 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
     assert!(sink.calls.load(Ordering::SeqCst) >= 2);
 
     // Disabling the row stops the watcher at the next reload.
-    *backend.disabled.lock().unwrap() = true;
+    disabled.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(30), async {
         while !watchers.statuses().is_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;

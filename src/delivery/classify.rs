@@ -19,8 +19,11 @@ pub enum Failure {
     PhotoRefused(String),
     /// A stored `file_id` is no longer accepted: upload again.
     StaleFileId(String),
-    /// 5xx, network, timeout: retry with backoff.
+    /// 5xx, network, a connect timeout: retry with backoff.
     Transient(String),
+    /// The request was sent but its answer timed out: Telegram may have delivered it (there is
+    /// no idempotency key in the Bot API), so it is retried only a few times.
+    MaybeDelivered(String),
     /// Telegram answered `ok: true` but the answer could not be read: the message was
     /// delivered; do not send it again (its `file_id` is lost).
     AcceptedUnreadable(String),
@@ -36,6 +39,9 @@ pub fn classify(error: &RequestError) -> Failure {
             "Telegram refuses the bot token (401 Unauthorized): fix telegram.bot_token".into(),
         ),
         RequestError::Api(api) => classify_description(&api_description(api)),
+        RequestError::Network(error) if error.is_timeout() && !error.is_connect() => {
+            Failure::MaybeDelivered(format!("request timed out: {error}"))
+        }
         RequestError::Network(error) => Failure::Transient(format!("network error: {error}")),
         RequestError::Io(error) => Failure::Transient(format!("I/O error: {error}")),
         // Telegram accepted it, but teloxide cannot read the returned Message: sending again
@@ -105,4 +111,58 @@ pub(super) fn recipient_unreachable(description: &str) -> bool {
         || lower.contains("chat not found")
         || lower.contains("user is deactivated")
         || lower.contains("not enough rights")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A real reqwest error: the server takes the request and never answers.
+    async fn timed_out_request() -> reqwest::Error {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let error = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap()
+            .post(format!("http://{address}/bot123:abc/sendDocument"))
+            .body(vec![0u8; 1024])
+            .send()
+            .await
+            .unwrap_err();
+        server.abort();
+        error
+    }
+
+    #[tokio::test]
+    async fn a_request_that_timed_out_after_it_was_sent_may_have_been_delivered() {
+        let error = RequestError::Network(Arc::new(timed_out_request().await));
+        assert!(
+            matches!(classify(&error), Failure::MaybeDelivered(_)),
+            "{:?}",
+            classify(&error)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_plainly_transient() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let error = reqwest::Client::new()
+            .post(format!("http://{address}/bot123:abc/sendDocument"))
+            .send()
+            .await
+            .unwrap_err();
+        let error = RequestError::Network(Arc::new(error));
+        assert!(matches!(classify(&error), Failure::Transient(_)));
+    }
 }

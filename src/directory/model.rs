@@ -5,11 +5,10 @@ use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::warn;
 
-/// A SeaTable row keyed by column name (`convert_keys=true`).
-pub type RowMap = Map<String, Value>;
+use crate::seatable::Row;
 
 /// One row of the users table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,9 +131,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot from name-keyed rows of the three tables. Cells of the wrong shape are
-    /// treated as empty, with a warning.
-    pub fn from_rows(users: &[RowMap], mailboxes: &[RowMap], groups: &[RowMap]) -> Self {
+    /// Builds a snapshot from the rows of the three tables as the gateway returns them
+    /// (`convert_keys=true`). Cells of the wrong shape are treated as empty, with a warning; a
+    /// row without `_id` is dropped.
+    pub fn from_rows(users: &[Row], mailboxes: &[Row], groups: &[Row]) -> Self {
         Self {
             users: users.iter().filter_map(parse_user).collect(),
             mailboxes: mailboxes.iter().filter_map(parse_mailbox).collect(),
@@ -186,7 +186,48 @@ impl Snapshot {
     }
 }
 
-fn text(row: &RowMap, column: &str) -> Option<String> {
+/// The column names the directory reads and writes, the same whatever the tables are called
+/// (`seatable-schema/schema.json`).
+pub mod column {
+    /// The row id, a system field (seatable-api.md §2.6).
+    pub const ROW_ID: &str = "_id";
+    /// The first column of each table: a person's, mailbox's or group's name.
+    pub const NAME: &str = "Name";
+    /// users: the phone number as the sysadmin typed it.
+    pub const PHONE: &str = "phone";
+    /// users, t_chats: the link to the mailboxes table.
+    pub const MAILBOXES: &str = "mailboxes";
+    /// users: the Telegram user id, written by the bot.
+    pub const ID_TELEGRAM: &str = "id_telegram";
+    /// mailboxes: the address and default IMAP login.
+    pub const EMAIL: &str = "email";
+    /// mailboxes: shown to users in `/start`.
+    pub const DESCRIPTION: &str = "description";
+    /// mailboxes: the last relayed UID, written by the relay.
+    pub const LAST_UID: &str = "last_uid";
+    /// mailboxes: IMAP host override.
+    pub const IMAP_HOST: &str = "imap_host";
+    /// mailboxes: IMAP port override.
+    pub const IMAP_PORT: &str = "imap_port";
+    /// mailboxes: IMAP login override.
+    pub const IMAP_LOGIN: &str = "imap_login";
+    /// mailboxes: IMAP password override (a secret).
+    pub const IMAP_PASSWORD: &str = "imap_password";
+    /// mailboxes: folder override.
+    pub const FOLDER: &str = "folder";
+    /// mailboxes: addresses and `@domain`s allowed to send reports.
+    pub const ALLOWED_SENDERS: &str = "allowed_senders";
+    /// mailboxes: a ticked row is not watched.
+    pub const DISABLED: &str = "disabled";
+    /// t_chats: the Telegram chat id, written once by the bot.
+    pub const ID_TELEGRAM_CHAT: &str = "id_telegram_chat";
+    /// t_chats: the write-once lock.
+    pub const IS_LOCKED: &str = "is_locked";
+}
+
+/// A cell the directory reads as text: a non-blank text cell trimmed, or a number cell in
+/// decimal (sysadmins type ids and ports into either kind of column).
+fn text(row: &Row, column: &str) -> Option<String> {
     match row.get(column)? {
         Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         Value::Number(n) => Some(n.to_string()),
@@ -194,17 +235,14 @@ fn text(row: &RowMap, column: &str) -> Option<String> {
     }
 }
 
-fn link_ids(row: &RowMap, column: &str) -> Vec<String> {
-    match row.get(column) {
-        Some(Value::Array(links)) => links
-            .iter()
-            .filter_map(|l| l.get("row_id").and_then(Value::as_str).map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    }
+fn link_ids(row: &Row, column: &str) -> Vec<String> {
+    row.link_ids(column)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
-fn id_column(row: &RowMap, table: &str, column: &str) -> Option<i64> {
+fn id_column(row: &Row, table: &str, column: &str) -> Option<i64> {
     let value = text(row, column)?;
     match value.parse::<i64>() {
         Ok(id) => Some(id),
@@ -218,19 +256,19 @@ fn id_column(row: &RowMap, table: &str, column: &str) -> Option<i64> {
     }
 }
 
-fn parse_user(row: &RowMap) -> Option<User> {
+fn parse_user(row: &Row) -> Option<User> {
     Some(User {
-        row_id: text(row, "_id")?,
-        name: text(row, "Name").unwrap_or_default(),
-        phone: text(row, "phone").unwrap_or_default(),
-        mailbox_ids: link_ids(row, "mailboxes"),
-        telegram_id: id_column(row, "users", "id_telegram"),
+        row_id: text(row, column::ROW_ID)?,
+        name: text(row, column::NAME).unwrap_or_default(),
+        phone: text(row, column::PHONE).unwrap_or_default(),
+        mailbox_ids: link_ids(row, column::MAILBOXES),
+        telegram_id: id_column(row, "users", column::ID_TELEGRAM),
     })
 }
 
-fn parse_mailbox(row: &RowMap) -> Option<Mailbox> {
-    let email = text(row, "email").unwrap_or_default();
-    let last_uid = text(row, "last_uid").and_then(|v| match v.parse::<u32>() {
+fn parse_mailbox(row: &Row) -> Option<Mailbox> {
+    let email = text(row, column::EMAIL).unwrap_or_default();
+    let last_uid = text(row, column::LAST_UID).and_then(|v| match v.parse::<u32>() {
         Ok(uid) => Some(uid),
         Err(_) => {
             warn!(
@@ -241,7 +279,7 @@ fn parse_mailbox(row: &RowMap) -> Option<Mailbox> {
             None
         }
     });
-    let imap_port = text(row, "imap_port").and_then(|v| {
+    let imap_port = text(row, column::IMAP_PORT).and_then(|v| {
         // A number column may come back as 993 or 993.0.
         let port = v
             .parse::<f64>()
@@ -256,7 +294,7 @@ fn parse_mailbox(row: &RowMap) -> Option<Mailbox> {
         }
         port.map(|p| p as u16)
     });
-    let allowed_senders = text(row, "allowed_senders")
+    let allowed_senders = text(row, column::ALLOWED_SENDERS)
         .map(|v| {
             v.split([',', ';', ' ', '\n'])
                 .map(|s| s.trim().to_ascii_lowercase())
@@ -265,33 +303,27 @@ fn parse_mailbox(row: &RowMap) -> Option<Mailbox> {
         })
         .unwrap_or_default();
     Some(Mailbox {
-        row_id: text(row, "_id")?,
-        name: text(row, "Name").unwrap_or_default(),
-        description: text(row, "description").unwrap_or_default(),
+        row_id: text(row, column::ROW_ID)?,
+        name: text(row, column::NAME).unwrap_or_default(),
+        description: text(row, column::DESCRIPTION).unwrap_or_default(),
         last_uid,
-        imap_host: text(row, "imap_host"),
+        imap_host: text(row, column::IMAP_HOST),
         imap_port,
-        imap_login: text(row, "imap_login"),
-        imap_password: text(row, "imap_password"),
-        folder: text(row, "folder"),
+        imap_login: text(row, column::IMAP_LOGIN),
+        imap_password: text(row, column::IMAP_PASSWORD),
+        folder: text(row, column::FOLDER),
         allowed_senders,
-        disabled: row
-            .get("disabled")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        disabled: row.bool(column::DISABLED),
         email,
     })
 }
 
-fn parse_group(row: &RowMap) -> Option<Group> {
+fn parse_group(row: &Row) -> Option<Group> {
     Some(Group {
-        row_id: text(row, "_id")?,
-        name: text(row, "Name").unwrap_or_default(),
-        chat_id: id_column(row, "t_chats", "id_telegram_chat"),
-        is_locked: row
-            .get("is_locked")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        mailbox_ids: link_ids(row, "mailboxes"),
+        row_id: text(row, column::ROW_ID)?,
+        name: text(row, column::NAME).unwrap_or_default(),
+        chat_id: id_column(row, "t_chats", column::ID_TELEGRAM_CHAT),
+        is_locked: row.bool(column::IS_LOCKED),
+        mailbox_ids: link_ids(row, column::MAILBOXES),
     })
 }

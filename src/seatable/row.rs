@@ -67,11 +67,6 @@ impl Row {
             })
             .collect()
     }
-
-    /// The cells as a JSON object.
-    pub fn into_map(self) -> Map<String, Value> {
-        self.0
-    }
 }
 
 impl From<Map<String, Value>> for Row {

@@ -4,7 +4,6 @@
 
 use std::time::SystemTime;
 
-use anyhow::Context;
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +93,17 @@ pub enum AckResult {
     Duplicate,
 }
 
+/// How the outbox rows of some messages stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendCounts {
+    /// Still to be sent (or retried).
+    pub pending: usize,
+    /// Accepted by Telegram.
+    pub done: usize,
+    /// Failed for good.
+    pub failed: usize,
+}
+
 /// An outbox row due for sending.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -140,17 +150,21 @@ impl State {
                 }) => tx
                     .query_row(
                         // The content hash too: after a server restore reuses UIDs under the
-                        // same UIDVALIDITY, a new message at an old UID is not a duplicate.
+                        // same UIDVALIDITY, a new message at an old UID is not a duplicate. A
+                        // mail already relayed by `replay` is one.
                         "SELECT 1 FROM messages WHERE mailbox = ?1 AND uid_validity = ?2 AND uid = ?3
-                           AND raw_sha256 = ?4",
+                           AND raw_sha256 = ?4
+                         UNION ALL
+                         SELECT 1 FROM replays WHERE mailbox = ?1 AND raw_sha256 = ?4",
                         params![ack.mailbox, uid_validity, uid, ack.raw_sha256],
                         |_| Ok(()),
                     )
                     .optional()?
                     .is_some(),
+                // A replay is a duplicate of anything relayed before, from IMAP or a replay.
                 None => tx
                     .query_row(
-                        "SELECT 1 FROM replays WHERE mailbox = ?1 AND raw_sha256 = ?2",
+                        "SELECT 1 FROM ledger WHERE mailbox = ?1 AND raw_sha256 = ?2",
                         params![ack.mailbox, ack.raw_sha256],
                         |_| Ok(()),
                     )
@@ -177,6 +191,10 @@ impl State {
                     ],
                 )?;
                 let message_id = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) VALUES (?1, ?2)",
+                    params![ack.mailbox, ack.raw_sha256],
+                )?;
                 if ack.uid.is_none() {
                     tx.execute(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES (?1, ?2, ?3)",
@@ -209,53 +227,88 @@ impl State {
     }
 
     /// The first pending send of each chat that is due at `now`, oldest first, skipping the
-    /// chats in `busy`; at most `limit` rows.
+    /// chats in `busy` and the rows in `in_flight`, and keeping those `admit` takes: at most
+    /// `limit` rows. `admit` sees each candidate in order and may reserve something for it
+    /// (the pacer's cells); a row it refuses stays pending and blocks its chat's later rows.
+    ///
+    /// A row whose JSON cannot be read (written by a newer version, or damaged) is marked
+    /// failed with the parse error and logged, so it never blocks the rows after it.
     ///
     /// # Errors
-    /// A database error, or a row whose JSON cannot be read.
-    pub async fn due_sends(
+    /// A database error.
+    pub async fn due_sends<F>(
         &self,
         now: SystemTime,
         busy: Vec<i64>,
         in_flight: Vec<i64>,
         limit: usize,
-    ) -> anyhow::Result<Vec<OutboxRow>> {
+        mut admit: F,
+    ) -> anyhow::Result<Vec<OutboxRow>>
+    where
+        F: FnMut(&OutboxRow) -> bool + std::marker::Send + 'static,
+    {
         self.with(move |conn| {
-            let mut statement = conn.prepare_cached(
-                "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
-                        o.created_at, m.received_at, o.first_failed_at
-                 FROM outbox o JOIN messages m ON m.id = o.message_id
-                 WHERE o.status = 'pending'
-                   AND o.id = (SELECT MIN(i.id) FROM outbox i
-                               WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
-                 ORDER BY o.id",
-            )?;
-            let now = millis(now);
-            let mut rows = statement.query([])?;
+            let mut unreadable = Vec::new();
             let mut due = Vec::new();
-            while let Some(row) = rows.next()? {
-                let chat_id: i64 = row.get(2)?;
-                let not_before: i64 = row.get(5)?;
-                let id: i64 = row.get(0)?;
-                // A row in flight blocks its chat even after a migration moved it to a new id.
-                if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
-                    continue;
+            {
+                let mut statement = conn.prepare_cached(
+                    "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
+                            o.created_at, m.received_at, o.first_failed_at
+                     FROM outbox o JOIN messages m ON m.id = o.message_id
+                     WHERE o.status = 'pending'
+                       AND o.id = (SELECT MIN(i.id) FROM outbox i
+                                   WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
+                     ORDER BY o.id",
+                )?;
+                let now = millis(now);
+                let mut rows = statement.query([])?;
+                while let Some(row) = rows.next()? {
+                    let chat_id: i64 = row.get(2)?;
+                    let not_before: i64 = row.get(5)?;
+                    let id: i64 = row.get(0)?;
+                    // A row in flight blocks its chat even after a migration moved it to a new
+                    // id.
+                    if not_before > now || busy.contains(&chat_id) || in_flight.contains(&id) {
+                        continue;
+                    }
+                    let send: String = row.get(3)?;
+                    let send = match serde_json::from_str(&send) {
+                        Ok(send) => send,
+                        Err(error) => {
+                            unreadable.push((id, chat_id, format!("unreadable outbox row: {error}")));
+                            continue;
+                        }
+                    };
+                    let candidate = OutboxRow {
+                        id,
+                        message_id: row.get(1)?,
+                        chat_id,
+                        send,
+                        attempts: row.get(4)?,
+                        created_at: from_millis(row.get(6)?),
+                        first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
+                        received_at: from_millis(row.get(7)?),
+                    };
+                    if admit(&candidate) {
+                        due.push(candidate);
+                        if due.len() >= limit {
+                            break;
+                        }
+                    }
                 }
-                let send: String = row.get(3)?;
-                due.push(OutboxRow {
-                    id: row.get(0)?,
-                    message_id: row.get(1)?,
+            }
+            let finished = millis(SystemTime::now());
+            for (id, chat_id, error) in unreadable {
+                tracing::error!(
+                    outbox_row = id,
                     chat_id,
-                    send: serde_json::from_str(&send)
-                        .with_context(|| format!("Outbox row has unreadable JSON: {send}"))?,
-                    attempts: row.get(4)?,
-                    created_at: from_millis(row.get(6)?),
-                    first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
-                    received_at: from_millis(row.get(7)?),
-                });
-                if due.len() >= limit {
-                    break;
-                }
+                    %error,
+                    "An outbox row cannot be read; it is marked failed and delivery goes on."
+                );
+                conn.execute(
+                    "UPDATE outbox SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+                    params![id, finished, error],
+                )?;
             }
             Ok(due)
         })
@@ -384,7 +437,8 @@ impl State {
 
     /// Deletes what is no longer needed: finished outbox rows finished before `cutoff`, messages
     /// acknowledged before it that have no outbox row left, and file bytes last queued before it
-    /// that no pending send needs. Checkpoints, `file_id`s, the snapshot and chat statuses stay.
+    /// that no pending send needs. Checkpoints, `file_id`s, the ledger of relayed content and
+    /// the replays (what makes an old mail a duplicate), the snapshot and chat statuses stay.
     /// Returns the number of rows deleted.
     ///
     /// # Errors
@@ -397,12 +451,7 @@ impl State {
                 "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
                 [cutoff],
             )?;
-            deleted += tx.execute(
-                "DELETE FROM replays WHERE message_id IN (
-                     SELECT id FROM messages WHERE acknowledged_at < ?1
-                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id))",
-                [cutoff],
-            )?;
+            // The ledger and the replays stay: they are what makes an old mail a duplicate.
             deleted += tx.execute(
                 "DELETE FROM messages WHERE acknowledged_at < ?1
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id)",
@@ -420,17 +469,30 @@ impl State {
         .await
     }
 
-    /// Sends that were marked failed at or after `since`.
+    /// How the sends of these messages stand (for `replay --mailbox`, which waits for its own
+    /// sends only).
     ///
     /// # Errors
     /// A database error.
-    pub async fn failed_sends_since(&self, since: SystemTime) -> anyhow::Result<i64> {
+    pub async fn send_counts(&self, message_ids: Vec<i64>) -> anyhow::Result<SendCounts> {
         self.with(move |conn| {
-            Ok(conn.query_row(
-                "SELECT COUNT(*) FROM outbox WHERE status = 'failed' AND finished_at >= ?1",
-                [millis(since)],
-                |row| row.get(0),
-            )?)
+            let mut counts = SendCounts::default();
+            let mut statement = conn.prepare_cached(
+                "SELECT status, COUNT(*) FROM outbox WHERE message_id = ?1 GROUP BY status",
+            )?;
+            for id in message_ids {
+                let mut rows = statement.query([id])?;
+                while let Some(row) = rows.next()? {
+                    let count: i64 = row.get(1)?;
+                    let count = usize::try_from(count).unwrap_or(0);
+                    match row.get::<_, String>(0)?.as_str() {
+                        "pending" => counts.pending += count,
+                        "failed" => counts.failed += count,
+                        _ => counts.done += count,
+                    }
+                }
+            }
+            Ok(counts)
         })
         .await
     }

@@ -17,6 +17,15 @@ CREATE TABLE IF NOT EXISTS messages (
     acknowledged_at INTEGER NOT NULL,
     UNIQUE (mailbox, uid_validity, uid, raw_sha256)
 );
+-- Every message ever acknowledged, by content: kept as long as the checkpoints (never pruned),
+-- so a replay of a mail IMAP relayed, or the other way round, is a duplicate even years later.
+CREATE TABLE IF NOT EXISTS ledger (
+    mailbox    TEXT NOT NULL,
+    raw_sha256 TEXT NOT NULL,
+    PRIMARY KEY (mailbox, raw_sha256)
+);
+INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) SELECT mailbox, raw_sha256 FROM messages;
+-- Messages relayed by `replay --mailbox`; never pruned either.
 CREATE TABLE IF NOT EXISTS replays (
     mailbox    TEXT NOT NULL,
     raw_sha256 TEXT NOT NULL,

@@ -58,7 +58,7 @@ async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
     assert_eq!(state.pending_count().await.unwrap(), 3);
     // Heads of each chat, in order; a busy chat is skipped.
     let due = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap();
     let heads: Vec<_> = due
@@ -67,19 +67,19 @@ async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
         .collect();
     assert_eq!(heads, [(1, Some("a".into())), (2, Some("c".into()))]);
     let due = state
-        .due_sends(SystemTime::now(), vec![1], vec![], 10)
+        .due_sends(SystemTime::now(), vec![1], vec![], 10, |_| true)
         .await
         .unwrap();
     assert_eq!(due.len(), 1);
     // Finishing the head exposes the next one of that chat.
     let first = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap()[0]
         .id;
     state.finish_send(first, SendResult::Done).await.unwrap();
     let due = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap();
     assert_eq!(due[0].send.text.as_deref(), Some("b"));
@@ -101,7 +101,7 @@ async fn retries_wait_and_migrations_move_pending_rows() {
         .await
         .unwrap();
     let row = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap()[0]
         .clone();
@@ -112,7 +112,7 @@ async fn retries_wait_and_migrations_move_pending_rows() {
         .unwrap();
     assert!(
         state
-            .due_sends(SystemTime::now(), vec![], vec![], 10)
+            .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
             .await
             .unwrap()
             .is_empty()
@@ -120,10 +120,16 @@ async fn retries_wait_and_migrations_move_pending_rows() {
     // The next wake-up is when the delayed send is due, not "now".
     let next = state.next_due_at().await.unwrap().unwrap();
     assert!(next > SystemTime::now() && next <= later);
-    let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
+    let due = state
+        .due_sends(later, vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
     assert_eq!(due[0].attempts, 1);
     assert_eq!(state.migrate_chat(-100, -1001987654321).await.unwrap(), 2);
-    let due = state.due_sends(later, vec![], vec![], 10).await.unwrap();
+    let due = state
+        .due_sends(later, vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
     assert_eq!(due[0].chat_id, -1001987654321);
     let failed = state
         .fail_rest_of_message(due[0].message_id, -1001987654321, "kicked".into())
@@ -186,7 +192,7 @@ async fn prune_keeps_pending_work_and_drops_old_finished_work() {
     });
     state.acknowledge(with_file).await.unwrap();
     let due = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap();
     let done = due.iter().find(|r| r.chat_id == 1).unwrap().id;
@@ -196,7 +202,11 @@ async fn prune_keeps_pending_work_and_drops_old_finished_work() {
     assert_eq!(state.prune(later).await.unwrap(), 1);
     assert_eq!(state.pending_count().await.unwrap(), 1);
     assert!(state.file_bytes("f1").await.is_ok());
-    let pending = state.due_sends(later, vec![], vec![], 10).await.unwrap()[0].id;
+    let pending = state
+        .due_sends(later, vec![], vec![], 10, |_| true)
+        .await
+        .unwrap()[0]
+        .id;
     state.finish_send(pending, SendResult::Done).await.unwrap();
     assert_eq!(state.prune(later).await.unwrap(), 3);
     assert!(state.file_bytes("f1").await.is_err());
@@ -247,14 +257,14 @@ async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
         .await
         .unwrap();
     let first = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10)
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
         .await
         .unwrap()[0]
         .id;
     state.migrate_chat(-100, -1001).await.unwrap();
     // The first row is still in flight under the old chat id: nothing is due for the new one.
     let due = state
-        .due_sends(SystemTime::now(), vec![-100], vec![first], 10)
+        .due_sends(SystemTime::now(), vec![-100], vec![first], 10, |_| true)
         .await
         .unwrap();
     assert!(due.is_empty(), "{due:?}");
@@ -329,4 +339,125 @@ fn queued_calls_hold_no_blocking_threads() {
             assert_eq!(checkpoint.unwrap(), None);
         }
     });
+}
+
+#[tokio::test]
+async fn an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go() {
+    let (_dir, state) = fresh_state();
+    state
+        .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
+        .await
+        .unwrap();
+    state
+        .with(|conn| {
+            conn.execute(
+                "UPDATE outbox SET send = '{\"method\": \"sendCarrierPigeon\"}' WHERE chat_id = 1 \
+                 AND id = (SELECT MIN(id) FROM outbox WHERE chat_id = 1)",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
+    assert_eq!(heads, [Some("c".into())], "chat 1's head was unreadable");
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
+    assert_eq!(heads, [Some("b".into()), Some("c".into())]);
+    let failed = state
+        .with(|conn| {
+            Ok(conn.query_row(
+                "SELECT error FROM outbox WHERE status = 'failed'",
+                [],
+                |row| row.get::<_, String>(0),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert!(failed.starts_with("unreadable outbox row: "), "{failed}");
+}
+
+#[tokio::test]
+async fn admit_refusing_a_head_keeps_its_chat_blocked() {
+    let (_dir, state) = fresh_state();
+    state
+        .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
+        .await
+        .unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |row| {
+            row.chat_id != 1
+        })
+        .await
+        .unwrap();
+    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
+    assert_eq!(heads, [Some("c".into())]);
+}
+
+/// Finishes every due send, then prunes with a cutoff an hour ahead (everything is old).
+async fn finish_all_and_prune(state: &State) {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    loop {
+        let due = state
+            .due_sends(later, vec![], vec![], 10, |_| true)
+            .await
+            .unwrap();
+        if due.is_empty() {
+            break;
+        }
+        for row in due {
+            state.finish_send(row.id, SendResult::Done).await.unwrap();
+        }
+    }
+    assert!(state.prune(later).await.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_replay_and_imap_dedupe_against_each_other_even_after_pruning() {
+    let (_dir, state) = fresh_state();
+    // IMAP relayed it; a month later someone replays the same file.
+    state
+        .acknowledge(ack(5, vec![(1, send("a"))]))
+        .await
+        .unwrap();
+    finish_all_and_prune(&state).await;
+    let mut replay = ack(5, vec![(1, send("a"))]);
+    replay.uid = None;
+    replay.checkpoint = None;
+    assert_eq!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Duplicate
+    );
+    // A replayed mail that IMAP catches up on later (a new UID, the same bytes).
+    let mut replay = ack(6, vec![(1, send("b"))]);
+    replay.uid = None;
+    replay.checkpoint = None;
+    assert!(matches!(
+        state.acknowledge(replay.clone()).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    finish_all_and_prune(&state).await;
+    assert_eq!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Duplicate,
+        "the replay ledger outlives the pruning"
+    );
+    let imap = ack(6, vec![(1, send("b"))]);
+    assert_eq!(state.acknowledge(imap).await.unwrap(), AckResult::Duplicate);
+    assert_eq!(state.pending_count().await.unwrap(), 0);
+    assert_eq!(
+        state.checkpoint("reports@example.com").await.unwrap(),
+        Some(Checkpoint {
+            uid_validity: 7,
+            last_uid: 6
+        }),
+        "a duplicate still moves the checkpoint"
+    );
 }

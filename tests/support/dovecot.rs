@@ -13,10 +13,9 @@
 //! runs as the current user).
 //!
 //! ```ignore
-//! #[path = "support/dovecot.rs"]
-//! mod dovecot;
+//! mod support;
 //!
-//! let server = dovecot::Dovecot::start().await?;
+//! let server = support::dovecot::Dovecot::start().await?;
 //! server.add_user("reports@test.local", "secret")?;
 //! let uid = server.append("reports@test.local", "INBOX", raw_eml).await?;
 //! let tcp = tokio::net::TcpStream::connect(server.addr()).await?;
@@ -99,6 +98,27 @@ rc=$?
 kill -KILL "$watcher" 2>/dev/null
 exit "$rc"
 "#;
+
+/// The mailbox user the IMAP tests log in as.
+pub const USER: &str = "reports@test.local";
+/// [`USER`]'s password: a space and quotes, so a client must quote it in `LOGIN`.
+pub const PASS: &str = "s3cret-Pa55 \"quoted\"";
+
+/// A small plain-text mail to [`USER`]: `Subject: [Report] {subject}`, `Message-ID:
+/// <{subject}@test.local>`, body `body of {subject}`.
+pub fn message(subject: &str) -> Vec<u8> {
+    format!(
+        "From: Superset <superset@test.local>\r\n\
+         To: {USER}\r\n\
+         Subject: [Report] {subject}\r\n\
+         Message-ID: <{subject}@test.local>\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         body of {subject}\r\n"
+    )
+    .into_bytes()
+}
 
 /// Tunables for [`Dovecot::start_with`]. `Default` gives Dovecot's own
 /// defaults for everything except what the harness needs.

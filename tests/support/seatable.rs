@@ -52,7 +52,7 @@
 //! ([`FakeSeaTable::requests`], [`FakeSeaTable::request_log`],
 //! [`FakeSeaTable::wait_for_requests`]) are on the same handle.
 
-// This file is shared by several test crates through `#[path]`; none of them uses every helper.
+// Every test crate compiles this file (`tests/support/mod.rs`); none of them uses every helper.
 #![allow(dead_code)]
 
 use std::cmp::Ordering as CmpOrdering;
@@ -590,73 +590,38 @@ impl FakeSeaTable {
         kind: ColumnType,
         data: Option<Value>,
     ) -> String {
-        let key = {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
+        self.edit(table, |base, t| {
             let new = NewColumn {
                 name: name.to_owned(),
                 kind,
                 data,
             };
-            let c = st.base.add_column(t, &new, None).unwrap_or_else(seed_panic);
-            st.base.tables[t].columns[c].key.clone()
-        };
-        self.notify();
-        key
+            let c = base.add_column(t, &new, None).unwrap_or_else(seed_panic);
+            base.tables[t].columns[c].key.clone()
+        })
     }
 
     /// Removes a column (by name), as a sysadmin would in the web UI. Removing one side of a
     /// link leaves the other side in place.
     pub fn remove_column(&self, table: &str, column: &str) {
-        {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
-            let c = st.base.tables[t]
-                .columns
-                .iter()
-                .position(|c| c.name == column)
-                .unwrap_or_else(|| panic!("fake SeaTable: table {table} has no column {column}"));
-            st.base.remove_column(t, c);
-        }
-        self.notify();
+        self.edit(table, |base, t| {
+            let c = seeded_column(base, t, column);
+            base.remove_column(t, c);
+        });
     }
 
     /// Renames a column, as a sysadmin would in the web UI.
     pub fn rename_column(&self, table: &str, column: &str, new_name: &str) {
-        {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
-            let c = st.base.tables[t]
-                .columns
-                .iter()
-                .position(|c| c.name == column)
-                .unwrap_or_else(|| panic!("fake SeaTable: table {table} has no column {column}"));
-            st.base.tables[t].columns[c].name = new_name.to_owned();
-            st.base.version += 1;
-        }
-        self.notify();
+        self.edit(table, |base, t| {
+            let c = seeded_column(base, t, column);
+            base.tables[t].columns[c].name = new_name.to_owned();
+            base.version += 1;
+        });
     }
 
     /// Removes a table, with the link columns of other tables that point at it.
     pub fn remove_table(&self, table: &str) {
-        {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
-            st.base.remove_table(t);
-        }
-        self.notify();
+        self.edit(table, Base::remove_table);
     }
 
     /// Table names, in order.
@@ -671,16 +636,13 @@ impl FakeSeaTable {
 
     /// Column names of a table, in order.
     pub fn column_names(&self, table: &str) -> Vec<String> {
-        let st = self.lock();
-        let t = st
-            .base
-            .table_index(table)
-            .unwrap_or_else(|| no_table(table));
-        st.base.tables[t]
-            .columns
-            .iter()
-            .map(|c| c.name.clone())
-            .collect()
+        self.view(table, |base, t| {
+            base.tables[t]
+                .columns
+                .iter()
+                .map(|c| c.name.clone())
+                .collect()
+        })
     }
 
     /// Adds a row given as `{"column name": value}` (the same conversions as the append API)
@@ -693,59 +655,36 @@ impl FakeSeaTable {
 
     /// [`Self::add_row`] for many rows at once.
     pub fn add_rows(&self, table: &str, rows: impl IntoIterator<Item = Value>) -> Vec<String> {
-        let ids = {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
+        self.edit(table, |base, t| {
             rows.into_iter()
                 .map(|row| {
                     let values = row
                         .as_object()
                         .unwrap_or_else(|| panic!("fake SeaTable: a row must be a JSON object"));
-                    st.base
-                        .insert_row(t, values, true)
+                    base.insert_row(t, values, true)
                         .unwrap_or_else(|e| panic!("fake SeaTable: table {table}: {e}"))
                 })
                 .collect()
-        };
-        self.notify();
-        ids
+        })
     }
 
     /// Changes cells of a row by column name, as a person editing in the web UI would (bumps
     /// `_mtime`). Panics on an unknown row or column.
     pub fn update_row(&self, table: &str, row_id: &str, values: Value) {
-        {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
+        self.edit(table, |base, t| {
             let values = values
                 .as_object()
                 .unwrap_or_else(|| panic!("fake SeaTable: values must be a JSON object"));
-            let found = st
-                .base
+            let found = base
                 .update_row(t, row_id, values, true)
                 .unwrap_or_else(|e| panic!("fake SeaTable: table {table}: {e}"));
             assert!(found, "fake SeaTable: table {table} has no row {row_id}");
-        }
-        self.notify();
+        });
     }
 
     /// Deletes a row and its links.
     pub fn delete_row(&self, table: &str, row_id: &str) {
-        {
-            let mut st = self.lock();
-            let t = st
-                .base
-                .table_index(table)
-                .unwrap_or_else(|| no_table(table));
-            st.base.delete_rows(t, &[row_id.to_owned()]);
-        }
-        self.notify();
+        self.edit(table, |base, t| base.delete_rows(t, &[row_id.to_owned()]));
     }
 
     /// Links `row_id` of `table` to `other_row_ids` through the link column `link_column`
@@ -767,13 +706,8 @@ impl FakeSeaTable {
         other_row_ids: &[&str],
         mode: LinkMode,
     ) {
-        {
-            let mut st = self.lock();
-            let base = &mut st.base;
-            let t = base.table_index(table).unwrap_or_else(|| no_table(table));
-            let (li, forward) = base.link_column(t, link_column).unwrap_or_else(|| {
-                panic!("fake SeaTable: {table}.{link_column} is not a link column")
-            });
+        self.edit(table, |base, t| {
+            let (li, forward) = seeded_link_column(base, t, link_column);
             let o = base.other_table(li, forward);
             assert!(
                 base.tables[t].rows.iter().any(|r| r.id == row_id),
@@ -796,59 +730,38 @@ impl FakeSeaTable {
                     LinkMode::Remove => pairs.retain(|p| *p != pair),
                 }
             }
-        }
-        self.notify();
+        });
     }
 
     /// Every row id linked to `row_id` through `link_column`, uncapped, in link order.
     pub fn linked_ids(&self, table: &str, link_column: &str, row_id: &str) -> Vec<String> {
-        let st = self.lock();
-        let t = st
-            .base
-            .table_index(table)
-            .unwrap_or_else(|| no_table(table));
-        let (li, forward) = st
-            .base
-            .link_column(t, link_column)
-            .unwrap_or_else(|| panic!("fake SeaTable: {table}.{link_column} is not a link column"));
-        st.base.links[li]
-            .pairs
-            .iter()
-            .filter_map(|(a, b)| {
-                let (mine, theirs) = if forward { (a, b) } else { (b, a) };
-                (mine == row_id).then(|| theirs.clone())
-            })
-            .collect()
+        self.view(table, |base, t| {
+            let (li, forward) = seeded_link_column(base, t, link_column);
+            base.links[li]
+                .pairs
+                .iter()
+                .filter_map(|(a, b)| {
+                    let (mine, theirs) = if forward { (a, b) } else { (b, a) };
+                    (mine == row_id).then(|| theirs.clone())
+                })
+                .collect()
+        })
     }
 
     /// A row by `_id` as a name-keyed map with the system fields; link cells are
     /// `[{row_id, display_value}]` **uncapped** (the truth, not what the API shows).
     pub fn row(&self, table: &str, row_id: &str) -> Option<Map<String, Value>> {
-        let st = self.lock();
-        let t = st
-            .base
-            .table_index(table)
-            .unwrap_or_else(|| no_table(table));
-        let row = st.base.tables[t].rows.iter().find(|r| r.id == row_id)?;
-        let links = st.base.link_index(t);
-        let fields = st.base.all_fields(t);
-        Some(st.base.render(t, row, &fields, Keys::Names, &links, None))
+        self.view(table, |base, t| {
+            let row = base.tables[t].rows.iter().find(|r| r.id == row_id)?;
+            Some(base.render_by_name(t, std::slice::from_ref(row)).remove(0))
+        })
     }
 
     /// Every row of a table, as [`Self::row`] returns them, in table order.
     pub fn rows(&self, table: &str) -> Vec<Map<String, Value>> {
-        let st = self.lock();
-        let t = st
-            .base
-            .table_index(table)
-            .unwrap_or_else(|| no_table(table));
-        let links = st.base.link_index(t);
-        let fields = st.base.all_fields(t);
-        st.base.tables[t]
-            .rows
-            .iter()
-            .map(|row| st.base.render(t, row, &fields, Keys::Names, &links, None))
-            .collect()
+        self.view(table, |base, t| {
+            base.render_by_name(t, &base.tables[t].rows)
+        })
     }
 
     // ----- faults -------------------------------------------------------------------------------
@@ -1005,6 +918,31 @@ impl FakeSeaTable {
     fn notify(&self) {
         self.shared.changed.notify_waiters();
     }
+
+    /// Runs `change` on the base with the index of `table` (panics on an unknown table: a bug
+    /// in the test), then wakes whoever waits for a change.
+    fn edit<T>(&self, table: &str, change: impl FnOnce(&mut Base, usize) -> T) -> T {
+        let out = {
+            let mut st = self.lock();
+            let t = st
+                .base
+                .table_index(table)
+                .unwrap_or_else(|| no_table(table));
+            change(&mut st.base, t)
+        };
+        self.notify();
+        out
+    }
+
+    /// Runs `look` on the base with the index of `table` (panics on an unknown table).
+    fn view<T>(&self, table: &str, look: impl FnOnce(&Base, usize) -> T) -> T {
+        let st = self.lock();
+        let t = st
+            .base
+            .table_index(table)
+            .unwrap_or_else(|| no_table(table));
+        look(&st.base, t)
+    }
 }
 
 fn seed_panic<T>(err: ApiError) -> T {
@@ -1013,6 +951,26 @@ fn seed_panic<T>(err: ApiError) -> T {
 
 fn no_table(table: &str) -> usize {
     panic!("fake SeaTable: no table {table}")
+}
+
+/// The index of the column named `column` of table `t`, for the seeding API.
+fn seeded_column(base: &Base, t: usize, column: &str) -> usize {
+    base.tables[t]
+        .columns
+        .iter()
+        .position(|c| c.name == column)
+        .unwrap_or_else(|| {
+            let table = &base.tables[t].name;
+            panic!("fake SeaTable: table {table} has no column {column}")
+        })
+}
+
+/// The link and direction of the link column `link_column` of table `t`, for the seeding API.
+fn seeded_link_column(base: &Base, t: usize, link_column: &str) -> (usize, bool) {
+    base.link_column(t, link_column).unwrap_or_else(|| {
+        let table = &base.tables[t].name;
+        panic!("fake SeaTable: {table}.{link_column} is not a link column")
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1592,6 +1550,16 @@ impl Base {
         }
     }
 
+    /// `rows` of table `t` with every field, keyed by column name, link cells uncapped (what
+    /// the seeding API shows).
+    fn render_by_name(&self, t: usize, rows: &[Row]) -> Vec<Map<String, Value>> {
+        let links = self.link_index(t);
+        let fields = self.all_fields(t);
+        rows.iter()
+            .map(|row| self.render(t, row, &fields, Keys::Names, &links, None))
+            .collect()
+    }
+
     fn render(
         &self,
         t: usize,
@@ -2083,7 +2051,14 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let route = Route::classify(&method, uri.path());
-    let response = respond(&shared, &route, &method, &uri, &headers, &body).await;
+    let request = Request {
+        route: &route,
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    let response = respond(&shared, &request).await;
     tracing::debug!(
         "fake SeaTable: {method} {uri} -> {} ({:?})",
         response.status(),
@@ -2108,14 +2083,22 @@ async fn handle(
     response
 }
 
-async fn respond(
-    shared: &Shared,
-    route: &Route,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
+/// One request as [`handle`] got it, with its route.
+struct Request<'a> {
+    route: &'a Route,
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+}
+
+async fn respond(shared: &Shared, request: &Request<'_>) -> Response {
+    let Request {
+        route,
+        uri,
+        headers,
+        ..
+    } = *request;
     if let Some(outage) = *shared.outage.borrow() {
         return match outage {
             Outage::ServiceUnavailable => nginx_error(503),
@@ -2141,7 +2124,7 @@ async fn respond(
     } else if route.endpoint == Endpoint::AccessToken {
         access_token(&mut st, uri, headers)
     } else if route.gateway {
-        gateway(&mut st, route, method, uri, headers, body)
+        gateway(&mut st, request)
     } else if route.wrong_method {
         json_response(405, json!({"detail": "Method not allowed."}))
     } else {
@@ -2299,14 +2282,14 @@ fn check_base_token(
     })
 }
 
-fn gateway(
-    st: &mut ServerState,
-    route: &Route,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Response {
+fn gateway(st: &mut ServerState, request: &Request<'_>) -> Response {
+    let Request {
+        route,
+        method,
+        uri,
+        headers,
+        body,
+    } = *request;
     let permission = match check_base_token(st, headers, &route.uuid) {
         Ok(p) => p,
         Err(err) => return err.into_response(),
@@ -2375,11 +2358,16 @@ fn flag(value: Option<&str>) -> bool {
     value.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-fn list_columns(base: &Base, query: &HashMap<String, String>) -> Result<Value, ApiError> {
-    let t = base.resolve_table(
+/// The table a GET names by `table_name` or `table_id`.
+fn query_table(base: &Base, query: &HashMap<String, String>) -> Result<usize, ApiError> {
+    base.resolve_table(
         query.get("table_name").map(String::as_str),
         query.get("table_id").map(String::as_str),
-    )?;
+    )
+}
+
+fn list_columns(base: &Base, query: &HashMap<String, String>) -> Result<Value, ApiError> {
+    let t = query_table(base, query)?;
     check_view(query)?;
     Ok(json!({"columns": base.columns_json(t)}))
 }
@@ -2392,10 +2380,7 @@ fn check_view(query: &HashMap<String, String>) -> Result<(), ApiError> {
 }
 
 fn list_rows(base: &Base, query: &HashMap<String, String>) -> Result<Value, ApiError> {
-    let t = base.resolve_table(
-        query.get("table_name").map(String::as_str),
-        query.get("table_id").map(String::as_str),
-    )?;
+    let t = query_table(base, query)?;
     check_view(query)?;
     let start = match query.get("start").map(|s| s.trim()) {
         None | Some("") => 0,
@@ -2428,10 +2413,7 @@ fn list_rows(base: &Base, query: &HashMap<String, String>) -> Result<Value, ApiE
 }
 
 fn get_row(base: &Base, query: &HashMap<String, String>, row_id: &str) -> Result<Value, ApiError> {
-    let t = base.resolve_table(
-        query.get("table_name").map(String::as_str),
-        query.get("table_id").map(String::as_str),
-    )?;
+    let t = query_table(base, query)?;
     let keys = if flag(query.get("convert_keys").map(String::as_str)) {
         Keys::Names
     } else {
@@ -2454,18 +2436,24 @@ fn get_row(base: &Base, query: &HashMap<String, String>, row_id: &str) -> Result
     )))
 }
 
-fn append_rows(base: &mut Base, body: &Value) -> Result<Value, ApiError> {
-    let t = body_table(base, body)?;
-    let rows = body
-        .get("rows")
+/// The array `key` of a row write, at most [`WRITE_BATCH_MAX`] long.
+fn write_batch<'a>(body: &'a Value, key: &str) -> Result<&'a [Value], ApiError> {
+    let items = body
+        .get(key)
         .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::new(400, "rows invalid"))?;
-    if rows.len() > WRITE_BATCH_MAX {
+        .ok_or_else(|| ApiError::new(400, format!("{key} invalid")))?;
+    if items.len() > WRITE_BATCH_MAX {
         return Err(ApiError::new(
             400,
-            format!("rows exceeds the limit of {WRITE_BATCH_MAX}"),
+            format!("{key} exceeds the limit of {WRITE_BATCH_MAX}"),
         ));
     }
+    Ok(items)
+}
+
+fn append_rows(base: &mut Base, body: &Value) -> Result<Value, ApiError> {
+    let t = body_table(base, body)?;
+    let rows = write_batch(body, "rows")?;
     let Some(values) = rows
         .iter()
         .map(Value::as_object)
@@ -2507,16 +2495,7 @@ fn append_rows(base: &mut Base, body: &Value) -> Result<Value, ApiError> {
 
 fn update_rows(base: &mut Base, body: &Value) -> Result<Value, ApiError> {
     let t = body_table(base, body)?;
-    let updates = body
-        .get("updates")
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::new(400, "updates invalid"))?;
-    if updates.len() > WRITE_BATCH_MAX {
-        return Err(ApiError::new(
-            400,
-            format!("updates exceeds the limit of {WRITE_BATCH_MAX}"),
-        ));
-    }
+    let updates = write_batch(body, "updates")?;
     let mut parsed = Vec::with_capacity(updates.len());
     for update in updates {
         let row_id =
@@ -3045,36 +3024,41 @@ impl Parser {
         matches!(self.peek(), Some(Tok::Word(w)) if w.eq_ignore_ascii_case(kw))
     }
 
-    fn eat_kw(&mut self, kw: &str) -> bool {
-        let found = self.is_kw(kw);
+    fn is_sym(&self, sym: &str) -> bool {
+        matches!(self.peek(), Some(Tok::Sym(s)) if *s == sym)
+    }
+
+    /// Steps over the next token if it is what the caller `found`; returns `found`.
+    fn eat_if(&mut self, found: bool) -> bool {
         if found {
             self.pos += 1;
         }
         found
+    }
+
+    /// A syntax error at the next token unless the caller `found` what it expected.
+    fn expected(&self, found: bool) -> Result<(), ApiError> {
+        if found { Ok(()) } else { Err(self.error()) }
+    }
+
+    fn eat_kw(&mut self, kw: &str) -> bool {
+        let found = self.is_kw(kw);
+        self.eat_if(found)
     }
 
     fn expect_kw(&mut self, kw: &str) -> Result<(), ApiError> {
-        if self.eat_kw(kw) {
-            Ok(())
-        } else {
-            Err(self.error())
-        }
+        let found = self.eat_kw(kw);
+        self.expected(found)
     }
 
     fn eat_sym(&mut self, sym: &str) -> bool {
-        let found = matches!(self.peek(), Some(Tok::Sym(s)) if *s == sym);
-        if found {
-            self.pos += 1;
-        }
-        found
+        let found = self.is_sym(sym);
+        self.eat_if(found)
     }
 
     fn expect_sym(&mut self, sym: &str) -> Result<(), ApiError> {
-        if self.eat_sym(sym) {
-            Ok(())
-        } else {
-            Err(self.error())
-        }
+        let found = self.eat_sym(sym);
+        self.expected(found)
     }
 
     fn name(&mut self) -> Result<String, ApiError> {

@@ -1,11 +1,9 @@
 //! The whole relay against a real Dovecot and the fake SeaTable and Telegram servers.
 //!
-//! Include next to the other support modules:
 //! ```ignore
-//! #[path = "support/dovecot.rs"] mod dovecot;
-//! #[path = "support/seatable.rs"] mod seatable;
-//! #[path = "support/telegram.rs"] mod telegram;
-//! #[path = "support/stack.rs"] mod stack;
+//! mod support;
+//!
+//! use support::stack::{Stack, Tuning};
 //! ```
 
 #![allow(dead_code)]
@@ -18,9 +16,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dovecot::Dovecot;
-use crate::seatable::FakeSeaTable;
-use crate::telegram::{Call, FakeTelegram};
+use super::dovecot::Dovecot;
+use super::seatable::FakeSeaTable;
+use super::telegram::{Call, FakeTelegram};
 
 /// The mailbox every stack starts with.
 pub const ADDRESS: &str = "reports@test.local";
@@ -44,6 +42,8 @@ pub struct Tuning {
     pub cache_ttl_secs: u64,
     /// `seatable.reload_secs`.
     pub reload_secs: u64,
+    /// `telegram.default_country_code`, when set.
+    pub default_country_code: Option<&'static str>,
 }
 
 impl Default for Tuning {
@@ -55,6 +55,7 @@ impl Default for Tuning {
             concurrency: 16,
             cache_ttl_secs: 60,
             reload_secs: 60,
+            default_country_code: None,
         }
     }
 }
@@ -106,7 +107,7 @@ impl Stack {
             "mailboxes",
             json!({"Name": "reports", "email": ADDRESS, "description": "Sales reports"}),
         );
-        let telegram = FakeTelegram::start(crate::telegram::TOKEN).await;
+        let telegram = FakeTelegram::start(super::telegram::TOKEN).await;
         Self {
             dovecot,
             seatable,
@@ -141,6 +142,20 @@ impl Stack {
             .collect()
     }
 
+    /// The issue's fan-out: `users` registered subscribers (chat ids 500000000, 500000001, …)
+    /// and `supergroups` supergroups (-1001100000001, -1001100000002, …), all bound to the
+    /// stack's mailbox; returns their chat ids, users first.
+    pub fn add_fan_out(&self, users: i64, supergroups: i64) -> Vec<i64> {
+        let mailbox = self.mailbox_row.clone();
+        let mut chats = self.add_subscribers(users, 500_000_000);
+        for k in 1..=supergroups {
+            let chat = -1_001_100_000_000 - k;
+            self.add_group(&format!("Team {k}"), Some(chat), &[&mailbox]);
+            chats.push(chat);
+        }
+        chats
+    }
+
     /// Adds a group row bound to `mailbox_rows`.
     pub fn add_group(&self, name: &str, chat_id: Option<i64>, mailbox_rows: &[&str]) -> String {
         let row = self.seatable.add_row(
@@ -159,7 +174,7 @@ impl Stack {
         let text = format!(
             r#"
 telegram:
-  bot_token: "{token}"
+{country_code}  bot_token: "{token}"
   api_url: "{api_url}"
   limits:
     global_per_second: {global}
@@ -186,7 +201,11 @@ state:
 http:
   listen: "127.0.0.1:{http_port}"
 "#,
-            token = crate::telegram::TOKEN,
+            country_code = tuning
+                .default_country_code
+                .map(|code| format!("  default_country_code: \"{code}\"\n"))
+                .unwrap_or_default(),
+            token = super::telegram::TOKEN,
             api_url = self.telegram.api_url(),
             global = tuning.global_per_second,
             chat = tuning.chat_per_second,
@@ -220,10 +239,14 @@ http:
 
     /// Runs the relay binary (`report-relay run`) as a child process.
     pub fn spawn_binary(&self, tuning: &Tuning) -> Child {
-        let path = self.write_config(tuning);
+        self.spawn_with_config(&self.write_config(tuning))
+    }
+
+    /// Runs `report-relay run --config path` as a child process (stderr goes to the test's).
+    pub fn spawn_with_config(&self, path: &Path) -> Child {
         Command::new(env!("CARGO_BIN_EXE_report-relay"))
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(path)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -240,49 +263,49 @@ http:
         Some((status, response.json().await.ok()?))
     }
 
-    /// Waits until /readyz answers 200 and lists `mailboxes` mailboxes, each caught up.
-    pub async fn wait_ready(&self, mailboxes: usize) {
+    /// Waits up to 60 s until /readyz answers so that `check(status, body)` holds; returns the
+    /// body. Panics naming `what` and the last answer.
+    pub async fn wait_readyz(&self, what: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some((200, body)) = self.readyz().await
-                && body["mailboxes"].as_array().map(Vec::len) == Some(mailboxes)
+            if let Some((status, body)) = self.readyz().await
+                && check(status, &body)
             {
-                return;
+                return body;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the relay did not become ready: {:?}",
+                "{what}: {:?}",
                 self.readyz().await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
+    /// Waits until /readyz answers 200 and lists `mailboxes` mailboxes, each caught up.
+    pub async fn wait_ready(&self, mailboxes: usize) {
+        self.wait_readyz("the relay did not become ready", |status, body| {
+            status == 200 && body["mailboxes"].as_array().map(Vec::len) == Some(mailboxes)
+        })
+        .await;
+    }
+
     /// Waits until every mailbox in /readyz has completed a catch-up after `since` (e.g. after a
     /// reconnect).
     pub async fn wait_caught_up_since(&self, since: std::time::SystemTime) {
         let since: chrono::DateTime<chrono::Utc> = since.into();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((_, body)) = self.readyz().await
-                && let Some(mailboxes) = body["mailboxes"].as_array()
-                && !mailboxes.is_empty()
-                && mailboxes.iter().all(|m| {
-                    m["last_catch_up"]
-                        .as_str()
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                        .is_some_and(|t| t > since)
-                })
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no catch-up after the given time: {:?}",
-                self.readyz().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_readyz("no catch-up after the given time", |_, body| {
+            body["mailboxes"].as_array().is_some_and(|mailboxes| {
+                !mailboxes.is_empty()
+                    && mailboxes.iter().all(|m| {
+                        m["last_catch_up"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .is_some_and(|t| t > since)
+                    })
+            })
+        })
+        .await;
     }
 
     /// Delivers a message to the mailbox (IMAP APPEND); returns its UID.

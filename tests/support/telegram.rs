@@ -37,7 +37,10 @@
 //! - Recording: every call ([`Call`]) with its parameters, files, outcome and arrival time, and
 //!   an async [`FakeTelegram::wait_for`] that awaits a condition instead of sleeping.
 //! - Failure injection ([`FaultRule`], [`Fault`]) and persistent chat states ([`ChatState`]).
-//! - Optional strict flood control ([`RateLimits`]) that records every violation.
+//! - Optional strict flood control ([`RateLimits`], [`FloodControl`]): Telegram's per-chat,
+//!   per-group and global limits over every sliding window, each violation recorded.
+//! - An optional answer delay ([`FakeConfig::answer_delay`], [`Fault::Delay`]) after a send is
+//!   processed and recorded.
 //! - Update builders ([`FakeTelegram::push_start`], [`FakeTelegram::push_contact`],
 //!   [`FakeTelegram::push_bot_promoted`], [`FakeTelegram::push_migration`], …) producing JSON
 //!   that teloxide 0.17 parses (no `UpdateKind::Error`).
@@ -293,6 +296,11 @@ pub struct FakeConfig {
     pub strict_chats: bool,
     /// Strict flood control; `None` (default) disables it.
     pub rate_limits: Option<RateLimits>,
+    /// Answer every message-producing call (`sendMessage`, `sendPhoto`, `sendDocument`,
+    /// `sendMediaGroup`) this long after the fake has processed and recorded it, like the
+    /// round trip to Telegram's data centre. What was delivered stays delivered when the client
+    /// gives up or dies before the answer. A matching [`Fault::Delay`] replaces it. Default zero.
+    pub answer_delay: Duration,
 }
 
 impl Default for FakeConfig {
@@ -304,27 +312,54 @@ impl Default for FakeConfig {
             strict_html: true,
             strict_chats: false,
             rate_limits: None,
+            answer_delay: Duration::ZERO,
         }
     }
 }
 
-/// Flood-control limits of the "strict limits" mode (Bots FAQ): a message-producing call that
-/// would exceed one of them answers 429 with a computed `retry_after` and is recorded as a
-/// [`RateViolation`]. An album of N items counts as N messages.
+/// Flood-control limits of the "strict limits" mode: a message-producing call that would exceed
+/// one of them answers 429 `Too Many Requests: retry after N` (with `parameters.retry_after` and
+/// a `Retry-After` header, the server's envelope) and is recorded as a [`RateViolation`]; a
+/// refused call delivers nothing and reserves nothing.
+///
+/// Every limit holds over **any** sliding window, as Telegram's do, measured at the moment the
+/// fake receives the request (its [`Call::received_at`], when the request head arrives), not
+/// against a schedule of the sender's own: "at most 30 in any 1 s" refuses a burst of 30 followed
+/// by one more 0.5 s later, and a token bucket's "30 at once, then one every 33 ms" with it.
+///
+/// Sources (`docs/reference/telegram-bot-api.md` §2, the Bots FAQ "My bot is hitting limits"):
+/// - Global: "at most about 30 messages per second" over all chats. An album of N items counts N
+///   ("An album of N items counts as N messages towards the limits", teloxide #515).
+/// - Group: "a bot cannot send more than 20 messages per minute" in one group (negative chat id;
+///   @BotSupport via the python-telegram-bot wiki: channels too). An album of N counts N.
+/// - Chat: "avoid sending more than 1 message per second" in a single chat. This one counts
+///   **requests**: an album is one request that Telegram accepts whole (2–10 items, §3), which a
+///   per-message 1/s limit would refuse for good, and the FAQ's advice is about spacing what a
+///   bot sends into one conversation. So one send (a message or a whole album) per chat in any
+///   1-s window; the album's items still count N towards the global and group windows.
 #[derive(Clone, Debug)]
 pub struct RateLimits {
-    /// Minimum spacing between messages in one chat (private or group); an album of N
-    /// reserves N intervals. Telegram: 1 s.
-    pub per_chat_interval: Duration,
-    /// Messages per [`RateLimits::group_window`] in one group (negative chat id). Telegram: 20.
+    /// Requests (an album is one) to one chat, private or group, per
+    /// [`RateLimits::per_chat_window`]. Telegram: 1.
+    pub per_chat: u32,
+    /// Sliding window of the per-chat limit. Telegram: 1 s.
+    pub per_chat_window: Duration,
+    /// Messages per [`RateLimits::group_window`] in one group (negative chat id), an album of N
+    /// counting N. Telegram: 20.
     pub group_max: u32,
     /// Sliding window of the group limit. Telegram: 60 s.
     pub group_window: Duration,
-    /// Messages per [`RateLimits::global_window`] over all chats. Telegram: 30.
+    /// Messages per [`RateLimits::global_window`] over all chats, an album of N counting N.
+    /// Telegram: 30.
     pub global_max: u32,
     /// Sliding window of the global limit. Telegram: 1 s.
     pub global_window: Duration,
-    /// Slack for scheduling jitter (not scaled). Default 20 ms.
+    /// How much shorter than each window two stamps may be and still count as a window apart
+    /// (not scaled). Default 1 ms. Telegram gives none; this covers only the clocks: the fake
+    /// stamps with `tokio::time::Instant` (the monotonic clock, to the nanosecond) while a
+    /// sender's governor reads quanta's TSC-calibrated clock, and tokio's timers fire on 1-ms
+    /// ticks. It is not room for network jitter: a sender pacing exactly at a limit with no margin
+    /// sees 429s here, as it would from Telegram, whose jitter is far larger.
     pub tolerance: Duration,
 }
 
@@ -335,28 +370,39 @@ impl Default for RateLimits {
 }
 
 impl RateLimits {
-    /// Telegram's documented limits: 1 msg/s per chat, 20 per 60 s per group, 30/s overall.
+    /// Telegram's limits: 1 request per 1 s per chat, 20 messages per 60 s per group, 30
+    /// messages per 1 s overall.
     pub fn telegram() -> Self {
         Self {
-            per_chat_interval: Duration::from_secs(1),
+            per_chat: 1,
+            per_chat_window: Duration::from_secs(1),
             group_max: 20,
             group_window: Duration::from_secs(60),
             global_max: 30,
             global_window: Duration::from_secs(1),
-            tolerance: Duration::from_millis(20),
+            tolerance: Duration::from_millis(1),
         }
     }
 
-    /// The same limits with every duration multiplied by `factor` (e.g. `0.05` → 50 ms per
-    /// chat, 20 per 3 s per group), so tests run fast. `retry_after` stays in whole seconds
-    /// (at least 1), as on the wire.
+    /// The same limits with every window multiplied by `factor` (e.g. `0.05` → one request per
+    /// 50 ms per chat, 20 per 3 s per group, 30 per 50 ms overall), so tests run fast. The counts
+    /// and the tolerance stay; `retry_after` stays in whole seconds (at least 1), as on the wire.
     pub fn scaled(&self, factor: f64) -> Self {
         Self {
-            per_chat_interval: self.per_chat_interval.mul_f64(factor),
+            per_chat_window: self.per_chat_window.mul_f64(factor),
             group_window: self.group_window.mul_f64(factor),
             global_window: self.global_window.mul_f64(factor),
             ..self.clone()
         }
+    }
+
+    /// The shortest first-to-last span these limits allow for `messages` single messages to
+    /// distinct chats (none over the per-chat or group limits): message `i` and message
+    /// `i + global_max` can never share a global window, so the span is at least
+    /// `floor((messages - 1) / global_max)` windows, and bursts of `global_max` one window apart
+    /// reach it. 123 messages at 30/s: 4 s.
+    pub fn min_span(&self, messages: u32) -> Duration {
+        self.global_window * (messages.saturating_sub(1) / self.global_max.max(1))
     }
 }
 
@@ -478,7 +524,8 @@ pub struct Call {
     pub reply_markup: Option<Value>,
     /// The files of the call (best effort also for failed calls).
     pub files: Vec<SentFile>,
-    /// When the request arrived.
+    /// When the request arrived (its head, before the body was read); strict limits count it
+    /// at this instant.
     pub received_at: Instant,
     /// How it was answered.
     pub outcome: Outcome,
@@ -545,7 +592,7 @@ impl Call {
 /// Which flood limit was exceeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RateScope {
-    /// Per-chat spacing.
+    /// Per-chat window (requests).
     Chat,
     /// Per-group window.
     Group,
@@ -1251,8 +1298,13 @@ impl FakeTelegram {
     /// Replace the strict flood-control limits (`None` disables them).
     pub fn set_rate_limits(&self, limits: Option<RateLimits>) {
         let mut st = self.inner.lock();
+        st.rate = limits.clone().map(FloodControl::new);
         st.config.rate_limits = limits;
-        st.rate = RateState::default();
+    }
+
+    /// Change [`FakeConfig::answer_delay`].
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.inner.lock().config.answer_delay = delay;
     }
 
     /// Change [`FakeConfig::max_upload_bytes`].
@@ -1360,6 +1412,22 @@ impl FakeTelegram {
             .filter(|c| c.is_send() && c.is_ok() && c.chat_id == Some(chat_id))
             .cloned()
             .collect()
+    }
+
+    /// From the first to the last arrival ([`Call::received_at`]) of the successful sends to
+    /// `chats`; zero with fewer than two.
+    pub fn ok_send_span(&self, chats: &[i64]) -> Duration {
+        let st = self.inner.lock();
+        let times: Vec<Instant> = st
+            .calls
+            .iter()
+            .filter(|c| c.is_send() && c.is_ok() && c.chat_id.is_some_and(|id| chats.contains(&id)))
+            .map(|c| c.received_at)
+            .collect();
+        match (times.iter().min(), times.iter().max()) {
+            (Some(first), Some(last)) => *last - *first,
+            _ => Duration::ZERO,
+        }
     }
 
     /// Successful `sendMessage` calls to `chat_id` (the bot's replies, with `reply_markup`).
@@ -1775,7 +1843,7 @@ struct State {
     poll_generation: u64,
     webhook_url: String,
     commands: HashMap<(String, String), Value>,
-    rate: RateState,
+    rate: Option<FloodControl>,
     violations: Vec<RateViolation>,
     delivered: Vec<Value>,
     shutdown: bool,
@@ -1796,6 +1864,7 @@ impl State {
             username: Some(config.bot.username.clone()),
             language_code: None,
         };
+        let rate = config.rate_limits.clone().map(FloodControl::new);
         Self {
             config,
             bot,
@@ -1815,7 +1884,7 @@ impl State {
             poll_generation: 0,
             webhook_url: String::new(),
             commands: HashMap::new(),
-            rate: RateState::default(),
+            rate,
             violations: Vec::new(),
             delivered: Vec::new(),
             shutdown: false,
@@ -2191,7 +2260,15 @@ async fn entry(AxumState(inner): AxumState<Arc<Inner>>, req: Request) -> Respons
 
 async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
     let method_lc = ctx.method_lc();
-    let fault = inner.lock().take_fault(&method_lc, ctx.chat_id());
+    let (fault, answer_delay) = {
+        let mut st = inner.lock();
+        let delay = if is_send_method(ctx.method) {
+            st.config.answer_delay
+        } else {
+            Duration::ZERO
+        };
+        (st.take_fault(&method_lc, ctx.chat_id()), delay)
+    };
     let delay = match fault {
         Some(Fault::Delay(d)) => Some(d),
         Some(fault) => {
@@ -2205,6 +2282,7 @@ async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
                 st.record(call);
             }
             inner.notify();
+            pause(answer_delay).await;
             return answer;
         }
         None => None,
@@ -2225,10 +2303,16 @@ async fn dispatch(inner: &Arc<Inner>, ctx: Ctx) -> Answer {
         inner.notify();
         answer
     };
-    if let Some(d) = delay {
+    // Recorded first: a client that stops waiting (or dies) does not undo the delivery.
+    pause(delay.unwrap_or(answer_delay)).await;
+    answer
+}
+
+/// Sleeps `d`; zero returns at once (a zero `tokio::time::sleep` waits for the next timer tick).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
         tokio::time::sleep(d).await;
     }
-    answer
 }
 
 fn fault_answer(fault: &Fault) -> Answer {
@@ -2642,19 +2726,20 @@ impl State {
         }
     }
 
-    /// Strict flood control: reserve `messages` or answer 429.
-    fn check_rate(&mut self, method: &str, chat_id: i64, messages: u32) -> Result<(), ApiErr> {
-        let Some(limits) = self.config.rate_limits.clone() else {
+    /// Strict flood control: count `messages` (one request) at the moment the request arrived,
+    /// or answer 429.
+    fn check_rate(&mut self, ctx: &Ctx, chat_id: i64, messages: u32) -> Result<(), ApiErr> {
+        let Some(rate) = self.rate.as_mut() else {
             return Ok(());
         };
-        let now = Instant::now();
-        match self.rate.check(&limits, chat_id, messages, now) {
+        let at = ctx.received_at;
+        match rate.check(chat_id, messages, at) {
             Ok(()) => Ok(()),
             Err((scope, wait)) => {
                 let retry_after = (wait.as_secs_f64().ceil() as u32).max(1);
                 self.violations.push(RateViolation {
-                    at: now,
-                    method: method.to_owned(),
+                    at,
+                    method: ctx.method.to_owned(),
                     chat_id,
                     messages,
                     scope,
@@ -2697,7 +2782,7 @@ impl State {
             return Err(ApiErr::bad(desc::MESSAGE_TOO_LONG));
         }
         self.check_send(&chat, Content::Text)?;
-        self.check_rate(ctx.method, chat.id, 1)?;
+        self.check_rate(ctx, chat.id, 1)?;
         let mut msg = self.new_message(&chat);
         msg.insert("text".into(), json!(formatted.text));
         if !formatted.entities.is_empty() {
@@ -3013,6 +3098,27 @@ impl State {
         stored
     }
 
+    /// A parsed file of a send, its caption parsed as `parse_mode` says (the Bot API server does
+    /// that before looking at the chat).
+    fn item(
+        &self,
+        field: String,
+        kind: FileKind,
+        source: ItemSource,
+        caption: Option<&str>,
+        parse_mode: Option<&str>,
+    ) -> Result<Item, ApiErr> {
+        let formatted = caption.map(|c| self.format(c, parse_mode)).transpose()?;
+        Ok(Item {
+            field,
+            kind,
+            source,
+            caption: caption.map(str::to_owned),
+            parse_mode: parse_mode.map(str::to_owned),
+            formatted,
+        })
+    }
+
     fn send_single(&mut self, ctx: &Ctx, call: &mut Call, kind: FileKind) -> Result<Value, ApiErr> {
         self.check_upload_size(ctx)?;
         let (field, missing, content) = match kind {
@@ -3021,21 +3127,14 @@ impl State {
         };
         // 1. What the Bot API server parses itself.
         let source = self.parse_item(ctx, Some(field), ctx.param(field), missing)?;
-        let caption = ctx.param("caption").map(str::to_owned);
-        let parse_mode = ctx.param("parse_mode").map(str::to_owned);
-        let formatted = match &caption {
-            Some(c) => Some(self.format(c, parse_mode.as_deref())?),
-            None => None,
-        };
-        let markup = parse_reply_markup(ctx)?;
-        let item = Item {
-            field: field.to_owned(),
+        let item = self.item(
+            field.to_owned(),
             kind,
             source,
-            caption,
-            parse_mode,
-            formatted,
-        };
+            ctx.param("caption"),
+            ctx.param("parse_mode"),
+        )?;
+        let markup = parse_reply_markup(ctx)?;
         // 2. The chat.
         let chat = self.check_chat(ctx)?;
         // 3. TDLib.
@@ -3047,7 +3146,7 @@ impl State {
             Self::check_photo(&mut loaded)
                 .map_err(|code| ApiErr::bad(format!("Bad Request: {code}")))?;
         }
-        self.check_rate(ctx.method, chat.id, 1)?;
+        self.check_rate(ctx, chat.id, 1)?;
         // 5. Deliver.
         let stored = self.materialize(kind, loaded);
         let mut msg = self.new_message(&chat);
@@ -3111,26 +3210,8 @@ impl State {
                 obj.get("media").and_then(Value::as_str),
                 desc::MEDIA_NOT_FOUND,
             )?;
-            let caption = obj
-                .get("caption")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let parse_mode = obj
-                .get("parse_mode")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            let formatted = match &caption {
-                Some(c) => Some(self.format(c, parse_mode.as_deref())?),
-                None => None,
-            };
-            items.push(Item {
-                field,
-                kind,
-                source,
-                caption,
-                parse_mode,
-                formatted,
-            });
+            let text = |key: &str| obj.get(key).and_then(Value::as_str);
+            items.push(self.item(field, kind, source, text("caption"), text("parse_mode"))?);
         }
         // 2. The chat.
         let chat = self.check_chat(ctx)?;
@@ -3163,7 +3244,7 @@ impl State {
                 )));
             }
         }
-        self.check_rate(ctx.method, chat.id, items.len() as u32)?;
+        self.check_rate(ctx, chat.id, items.len() as u32)?;
         // 5. Deliver.
         let group_id = (items.len() > 1).then(|| {
             self.media_group_seq += 1;
@@ -3249,87 +3330,139 @@ fn is_send_method(method: &str) -> bool {
 // Flood control
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct RateState {
-    chat_free_at: HashMap<i64, Instant>,
-    groups: HashMap<i64, VecDeque<(Instant, u32)>>,
-    global: VecDeque<(Instant, u32)>,
+/// The strict-limits mode's bookkeeping: the accepted sends, `(received_at, messages)`, per
+/// chat, per group and overall, checked against [`RateLimits`] over every sliding window. The
+/// fake runs one per server; it is public so that tests can check the windows with chosen
+/// instants.
+pub struct FloodControl {
+    limits: RateLimits,
+    chats: HashMap<i64, Window>,
+    groups: HashMap<i64, Window>,
+    global: Window,
 }
 
-impl RateState {
-    fn check(
+impl FloodControl {
+    /// Nothing sent yet.
+    pub fn new(limits: RateLimits) -> Self {
+        Self {
+            limits,
+            chats: HashMap::new(),
+            groups: HashMap::new(),
+            global: Window::default(),
+        }
+    }
+
+    /// One request of `n` messages (an album of N: N) to `chat_id`, received `at`: accepted and
+    /// counted in every window it falls in, or refused (and not counted) with the first limit it
+    /// would exceed (chat, group, global) and how long after `at` the same request would fit.
+    pub fn check(
         &mut self,
-        limits: &RateLimits,
         chat_id: i64,
         n: u32,
-        now: Instant,
+        at: Instant,
     ) -> Result<(), (RateScope, Duration)> {
-        if let Some(&free) = self.chat_free_at.get(&chat_id)
-            && now + limits.tolerance < free
+        let limits = &self.limits;
+        let tolerance = limits.tolerance;
+        let chat = Limit::new(limits.per_chat, limits.per_chat_window, tolerance);
+        let group = Limit::new(limits.group_max, limits.group_window, tolerance);
+        let global = Limit::new(limits.global_max, limits.global_window, tolerance);
+        let is_group = chat_id < 0;
+        if let Some(wait) = self.chats.entry(chat_id).or_default().refusal(chat, 1, at) {
+            return Err((RateScope::Chat, wait));
+        }
+        if is_group
+            && let Some(wait) = self
+                .groups
+                .entry(chat_id)
+                .or_default()
+                .refusal(group, n, at)
         {
-            return Err((RateScope::Chat, free - now));
+            return Err((RateScope::Group, wait));
         }
-        if chat_id < 0 {
-            let log = self.groups.entry(chat_id).or_default();
-            if let Some(wait) = window_wait(
-                log,
-                limits.group_max,
-                limits.group_window,
-                limits.tolerance,
-                n,
-                now,
-            ) {
-                return Err((RateScope::Group, wait));
-            }
-        }
-        if let Some(wait) = window_wait(
-            &mut self.global,
-            limits.global_max,
-            limits.global_window,
-            limits.tolerance,
-            n,
-            now,
-        ) {
+        if let Some(wait) = self.global.refusal(global, n, at) {
             return Err((RateScope::Global, wait));
         }
-        self.chat_free_at
-            .insert(chat_id, now + limits.per_chat_interval * n);
-        if chat_id < 0 {
-            self.groups.entry(chat_id).or_default().push_back((now, n));
+        self.chats.entry(chat_id).or_default().add(chat, 1, at);
+        if is_group {
+            self.groups.entry(chat_id).or_default().add(group, n, at);
         }
-        self.global.push_back((now, n));
+        self.global.add(global, n, at);
         Ok(())
     }
 }
 
-/// Sliding window: `None` if `n` more messages fit, else how long until they would.
-fn window_wait(
-    log: &mut VecDeque<(Instant, u32)>,
+/// At most `max` per `window`, where two stamps closer than `window - tolerance` share one.
+#[derive(Clone, Copy)]
+struct Limit {
     max: u32,
-    window: Duration,
-    tolerance: Duration,
-    n: u32,
-    now: Instant,
-) -> Option<Duration> {
-    while let Some(&(t, _)) = log.front() {
-        if t + window <= now + tolerance {
-            log.pop_front();
-        } else {
-            break;
+    span: Duration,
+}
+
+impl Limit {
+    fn new(max: u32, window: Duration, tolerance: Duration) -> Self {
+        Self {
+            max,
+            span: window.saturating_sub(tolerance),
         }
     }
-    let count: u32 = log.iter().map(|e| e.1).sum();
-    if count == 0 || count + n <= max {
-        return None;
-    }
-    let mut excess = count + n - max;
-    for &(t, c) in log.iter() {
-        if c >= excess {
-            return Some((t + window).saturating_duration_since(now));
+}
+
+/// The accepted sends of one limit, sorted by their receive time (a slow upload's head can arrive
+/// before a quick send that is processed first, so they are inserted in place).
+#[derive(Default)]
+struct Window(Vec<(Instant, u32)>);
+
+/// How long an entry is kept after it left every window containing the newest stamp: room for a
+/// request whose body took that long to arrive.
+const WINDOW_KEEP: Duration = Duration::from_secs(120);
+
+impl Window {
+    /// `None` if `n` more at `at` keep every sliding window within `limit.max`, else how long
+    /// after `at` the same `n` would fit.
+    fn refusal(&self, limit: Limit, n: u32, at: Instant) -> Option<Duration> {
+        if self.fits(limit, n, at) {
+            return None;
         }
-        excess -= c;
+        // An entry at `t` stops sharing a window with `t + span`: the candidates in time order.
+        let mut wait = self
+            .0
+            .iter()
+            .map(|&(t, _)| (t + limit.span).saturating_duration_since(at))
+            .filter(|d| !d.is_zero())
+            .collect::<Vec<_>>();
+        wait.sort();
+        let fits_later = wait.into_iter().find(|d| self.fits(limit, n, at + *d));
+        Some(fits_later.unwrap_or(limit.span))
     }
-    Some(window)
+
+    /// Whether every window `[s, s + span)` containing `at` holds at most `limit.max` with `n`
+    /// more at `at`. The fullest such window starts at `at` or at an entry in `(at - span, at]`,
+    /// so those are the only starts to check. `n` over `max` fits only alone.
+    fn fits(&self, limit: Limit, n: u32, at: Instant) -> bool {
+        let mut starts = self
+            .0
+            .iter()
+            .map(|&(t, _)| t)
+            .filter(|&t| t <= at && at < t + limit.span)
+            .chain([at]);
+        starts.all(|start| {
+            let count: u32 = self
+                .0
+                .iter()
+                .filter(|&&(t, _)| start <= t && t < start + limit.span)
+                .map(|&(_, c)| c)
+                .sum();
+            count == 0 || count + n <= limit.max
+        })
+    }
+
+    fn add(&mut self, limit: Limit, n: u32, at: Instant) {
+        let newest = self.0.last().map_or(at, |&(t, _)| t.max(at));
+        self.0
+            .retain(|&(t, _)| t + limit.span + WINDOW_KEEP > newest);
+        let pos = self.0.partition_point(|&(t, _)| t <= at);
+        self.0.insert(pos, (at, n));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
