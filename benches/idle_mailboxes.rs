@@ -111,11 +111,7 @@ fn clock_ticks_per_second() -> u64 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dovecot::free_port().unwrap()
 }
 
 fn address(i: u32) -> String {

@@ -25,7 +25,7 @@
 //!   #k` counts the answers before that error, not delivered items.
 //! - **Crash safety:** a row is marked done the moment Telegram accepts it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -48,12 +48,14 @@ use crate::metrics::Metrics;
 use crate::report::render::{ItemKind, Method};
 use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, State};
 
+mod admission;
 mod classify;
 mod limits;
 
 pub use self::classify::{Failure, classify, classify_description};
 pub use self::limits::Pacer;
 
+use self::admission::{Admission, Files, Finished, InFlight, file_keys};
 use self::classify::recipient_unreachable;
 
 /// How the directory hears about chats the worker learned something about.
@@ -110,9 +112,6 @@ pub struct DeliveryWorker {
     wake: Arc<Notify>,
 }
 
-/// A file as Telegram stores it: its sha256 and whether it went as a photo or a document.
-type FileKey = (String, ItemKind);
-
 struct Inner {
     bot: Bot,
     state: State,
@@ -120,70 +119,6 @@ struct Inner {
     metrics: Arc<Metrics>,
     events: Arc<dyn ChatEvents>,
     give_up_after: Duration,
-}
-
-/// A task in flight, as the worker tracks it.
-struct InFlight {
-    chat_id: i64,
-    row_id: i64,
-    /// Files this send may upload (no `file_id` known when it started).
-    uploads: Vec<FileKey>,
-}
-
-/// What a finished task tells the worker.
-struct Finished {
-    /// Files that now have a `file_id` in the state.
-    resolved: Vec<FileKey>,
-}
-
-/// The files the worker knows about: which have a `file_id`, and which are being uploaded.
-#[derive(Default, Clone)]
-struct Files {
-    resolved: HashSet<FileKey>,
-    uploading: HashSet<FileKey>,
-}
-
-/// One pass's admission: the pacer's verdict on each candidate row, and the files it starts
-/// uploading.
-struct Admission {
-    pacer: Arc<Pacer>,
-    now: tokio::time::Instant,
-    files: Files,
-    starts: HashMap<i64, (tokio::time::Instant, Vec<FileKey>)>,
-    next_ready: Option<tokio::time::Instant>,
-}
-
-impl Admission {
-    fn admit(&mut self, row: &OutboxRow) -> bool {
-        let keys: Vec<FileKey> = file_keys(&row.send)
-            .filter(|key| !self.files.resolved.contains(key))
-            .collect();
-        // The first send of a file is in flight: wait for its file_id instead of uploading
-        // again, and leave the slot to other reports.
-        if keys.iter().any(|key| self.files.uploading.contains(key)) {
-            return false;
-        }
-        match self
-            .pacer
-            .try_reserve(row.chat_id, row.send.items.len(), self.now, ADMIT_LEAD)
-        {
-            Ok(start) => {
-                self.files.uploading.extend(keys.iter().cloned());
-                self.starts.insert(row.id, (start, keys));
-                true
-            }
-            Err(ready) => {
-                self.next_ready = Some(self.next_ready.map_or(ready, |at| at.min(ready)));
-                false
-            }
-        }
-    }
-}
-
-fn file_keys(send: &OutboxSend) -> impl Iterator<Item = FileKey> + '_ {
-    send.items
-        .iter()
-        .map(|item| (item.sha256.clone(), item.kind))
 }
 
 /// The settings of a [`DeliveryWorker`].
@@ -767,83 +702,4 @@ fn backoff_delay(attempts: u32) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn descriptions_are_classified() {
-        use Failure::*;
-        let permanent = [
-            "Forbidden: bot was blocked by the user",
-            "Forbidden: bot was kicked from the group chat",
-            "Forbidden: bot is not a member of the supergroup chat",
-            "Forbidden: user is deactivated",
-            "Forbidden: bot can't initiate conversation with a user",
-            "Bad Request: chat not found",
-            "Bad Request: not enough rights to send documents to the chat",
-            "Request Entity Too Large",
-            "Bad Request: message caption is too long",
-        ];
-        for text in permanent {
-            assert!(matches!(classify_description(text), Permanent(_)), "{text}");
-        }
-        assert!(matches!(
-            classify_description("Bad Request: PHOTO_INVALID_DIMENSIONS"),
-            PhotoRefused(_)
-        ));
-        assert_eq!(
-            classify_description(
-                "Bad Request: failed to send message #1 with the error message \"Too Many Requests: retry after 8\""
-            ),
-            RetryAfter(Duration::from_secs(8))
-        );
-        assert!(matches!(
-            classify_description("Bad Request: wrong file identifier/HTTP URL specified"),
-            StaleFileId(_)
-        ));
-        assert!(matches!(
-            classify_description("Internal Server Error: restart"),
-            Transient(_)
-        ));
-    }
-
-    #[test]
-    fn only_recipient_errors_cancel_the_rest_of_a_report() {
-        assert!(recipient_unreachable(
-            "Forbidden: bot was blocked by the user"
-        ));
-        assert!(recipient_unreachable("Bad Request: chat not found"));
-        assert!(recipient_unreachable(
-            "Bad Request: not enough rights to send documents to the chat"
-        ));
-        assert!(!recipient_unreachable(
-            "Bad Request: message caption is too long"
-        ));
-        assert!(!recipient_unreachable("Request Entity Too Large"));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff_delay(0) <= Duration::from_secs(1));
-        assert!(backoff_delay(3) >= Duration::from_secs(4));
-        assert!(backoff_delay(30) <= Duration::from_secs(300));
-    }
-
-    #[test]
-    fn refused_photos_become_documents() {
-        let send = OutboxSend {
-            method: Method::SendPhoto,
-            items: vec![OutboxItem {
-                kind: ItemKind::Photo,
-                sha256: "a".into(),
-                file_name: "a.png".into(),
-                caption: Some("c".into()),
-            }],
-            text: None,
-        };
-        let documents = as_documents(&send);
-        assert_eq!(documents.method, Method::SendDocument);
-        assert_eq!(documents.items[0].kind, ItemKind::Document);
-        assert_eq!(documents.items[0].caption.as_deref(), Some("c"));
-    }
-}
+mod tests;

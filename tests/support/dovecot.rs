@@ -1087,7 +1087,7 @@ fn find_binary(name: &str) -> Result<PathBuf> {
 }
 
 /// A port that was free a moment ago (bind `127.0.0.1:0`, release).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let l = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

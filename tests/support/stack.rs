@@ -71,11 +71,7 @@ pub struct Stack {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    super::dovecot::free_port().unwrap()
 }
 
 /// A Superset fixture's bytes.
