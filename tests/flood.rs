@@ -129,9 +129,17 @@ async fn kill_9_mid_fan_out_repeats_at_most_what_was_in_flight() {
     for chat in &chats {
         assert!(stack.ok_sends_to(*chat).len() <= 2, "chat {chat}");
     }
-    // 30 sends per second, each answered 150 ms after delivery: 4.5 in flight.
+    // 30 sends per second, each answered 150 ms after delivery: 4.5 in flight, so 5 at most
+    // with the pacer's spacing (one more allowed for a loaded machine bunching two sends; a
+    // burst of `delivery.concurrency` puts 16 in flight).
     assert!(
-        duplicates.len() <= 5,
+        unanswered <= 6,
+        "{unanswered} sends were delivered but unanswered at the kill"
+    );
+    // Only what Telegram processed without the answer arriving may repeat (the Bot API has no
+    // idempotency key): that is the floor, and the relay adds nothing to it.
+    assert!(
+        duplicates.len() <= unanswered.max(5),
         "{} repeated sends (the kill found {unanswered} delivered but unanswered): {duplicates:?}",
         duplicates.len()
     );
