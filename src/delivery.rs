@@ -55,7 +55,7 @@ mod limits;
 pub use self::classify::{Failure, classify, classify_description};
 pub use self::limits::Pacer;
 
-use self::admission::{Admission, Files, Finished, InFlight, file_keys};
+use self::admission::{Admission, FileKey, Files, Finished, InFlight};
 use self::classify::recipient_unreachable;
 
 /// How the directory hears about chats the worker learned something about.
@@ -211,8 +211,10 @@ impl DeliveryWorker {
                             let (chat_id, row_id) = (row.chat_id, row.id);
                             files.uploading.extend(uploads.iter().cloned());
                             let inner = self.inner.clone();
-                            let task =
-                                in_flight.spawn(async move { inner.process(row, start).await });
+                            let task_uploads = uploads.clone();
+                            let task = in_flight.spawn(async move {
+                                inner.process(row, start, task_uploads).await
+                            });
                             busy.insert(
                                 task.id(),
                                 InFlight {
@@ -298,12 +300,19 @@ impl DeliveryWorker {
 
 impl Inner {
     /// Sends one outbox row at `start` (the instant the pacer reserved for it), records the
-    /// outcome, and tells the worker which of its files now have a `file_id`.
-    async fn process(&self, row: OutboxRow, start: tokio::time::Instant) -> Finished {
+    /// outcome, and tells the worker which of `uploads` (its files without a known `file_id`)
+    /// now have one.
+    async fn process(
+        &self,
+        row: OutboxRow,
+        start: tokio::time::Instant,
+        uploads: Vec<FileKey>,
+    ) -> Finished {
         tokio::time::sleep_until(start).await;
         self.record(&row).await;
+        // Only the files this send may have uploaded are news to the worker.
         let mut resolved = Vec::new();
-        for key in file_keys(&row.send) {
+        for key in uploads {
             if let Ok(Some(_)) = self.state.file_id(&key.0, key.1).await {
                 resolved.push(key);
             }
@@ -395,30 +404,10 @@ impl Inner {
                 }
                 "permanent"
             }
-            Err(Failure::MaybeDelivered(reason))
-                if row.attempts + 1 >= MAYBE_DELIVERED_ATTEMPTS =>
-            {
-                error!(
-                    chat_id,
-                    method = method.as_str(),
-                    attempts = row.attempts + 1,
-                    %reason,
-                    "A send timed out again after it was sent; it may have been delivered. Not trying again; it is marked failed."
-                );
-                self.fail(row.id, &format!("{reason} (it may have been delivered)"))
-                    .await;
-                "failed"
-            }
             Err(failure) => {
+                let maybe_delivered = matches!(failure, Failure::MaybeDelivered(_));
                 let reason = match failure {
-                    Failure::MaybeDelivered(reason) => {
-                        warn!(
-                            chat_id,
-                            %reason,
-                            "A send timed out after it was sent; Telegram may have delivered it, so the retry may be a duplicate."
-                        );
-                        reason
-                    }
+                    Failure::MaybeDelivered(reason) => reason,
                     Failure::Transient(reason)
                     | Failure::PhotoRefused(reason)
                     | Failure::StaleFileId(reason) => reason,
@@ -433,17 +422,37 @@ impl Inner {
                     .first_failed_at
                     .and_then(|first| SystemTime::now().duration_since(first).ok())
                     .unwrap_or_default();
-                if age >= self.give_up_after {
+                let give_up = if maybe_delivered && row.attempts + 1 >= MAYBE_DELIVERED_ATTEMPTS {
+                    Some("it timed out again after it was sent and may have been delivered")
+                } else if age >= self.give_up_after {
+                    Some("delivery.give_up_after_secs passed")
+                } else {
+                    None
+                };
+                if let Some(why) = give_up {
                     error!(
                         chat_id,
                         method = method.as_str(),
                         attempts = row.attempts + 1,
                         %reason,
-                        "Giving up on a send after delivery.give_up_after_secs; it is marked failed."
+                        why,
+                        "Giving up on a send; it is marked failed."
                     );
+                    let reason = if maybe_delivered {
+                        format!("{reason} (it may have been delivered)")
+                    } else {
+                        reason
+                    };
                     self.fail(row.id, &reason).await;
                     "failed"
                 } else {
+                    if maybe_delivered {
+                        warn!(
+                            chat_id,
+                            %reason,
+                            "A send timed out after it was sent; Telegram may have delivered it, so the retry may be a duplicate."
+                        );
+                    }
                     let delay = backoff_delay(row.attempts);
                     warn!(
                         chat_id,

@@ -285,21 +285,13 @@ impl Relay {
 
 impl Relay {
     /// `reports.require_authentication`: `None` when it is off, else whether the receiving MTA
-    /// authenticated the From domain (see [`crate::report::auth_results::check`]).
+    /// authenticated the From domain (see [`crate::report::auth_results::check_from`]).
     fn authenticated(&self, report: &Report) -> Option<Result<(), String>> {
         let authserv_id = self.settings.require_authentication.as_deref()?;
-        let Some(domain) = report
-            .from
-            .as_deref()
-            .and_then(|from| from.rsplit_once('@'))
-            .map(|(_, domain)| domain)
-        else {
-            return Some(Err("it has no From address".into()));
-        };
-        Some(crate::report::auth_results::check(
+        Some(crate::report::auth_results::check_from(
             &report.authentication_results,
             authserv_id,
-            domain,
+            report.from.as_deref(),
         ))
     }
 }

@@ -643,13 +643,7 @@ async fn retry_after_through_teloxide_and_on_the_wire() {
         serde_json::json!({"chat_id": USER_ID, "text": "x"}),
     )
     .await;
-    assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["retry-after"], "7");
-    assert_eq!(r.headers()["content-type"], "application/json");
-    assert_eq!(
-        r.text().await.unwrap(),
-        r#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#
-    );
+    assert_429_envelope(r, 7).await;
     let calls = fake.calls_of("sendMessage");
     assert_eq!(calls[0].fault, Some(Fault::RetryAfter(3)));
     assert!(matches!(calls[0].outcome, Outcome::Error { code: 429, .. }));
@@ -1282,6 +1276,19 @@ fn the_minimum_span_follows_the_global_window() {
 
 // ----- strict limits: through the server --------------------------------------------------
 
+/// The server's 429 to the byte: status, `Retry-After`, JSON envelope with `retry_after`.
+async fn assert_429_envelope(r: reqwest::Response, retry_after: u32) {
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], retry_after.to_string().as_str());
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!(
+            r#"{{"ok":false,"error_code":429,"description":"Too Many Requests: retry after {retry_after}","parameters":{{"retry_after":{retry_after}}}}}"#
+        )
+    );
+}
+
 /// A fake enforcing Telegram's real limits.
 async fn strict_fake() -> FakeTelegram {
     FakeTelegram::start_with(
@@ -1305,13 +1312,7 @@ async fn strict_limits_answer_the_servers_429_envelope() {
     };
     assert_eq!(send().await.unwrap().status(), 200);
     let r = send().await.unwrap();
-    assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["retry-after"], "1");
-    assert_eq!(r.headers()["content-type"], "application/json");
-    assert_eq!(
-        r.text().await.unwrap(),
-        r#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 1","parameters":{"retry_after":1}}"#
-    );
+    assert_429_envelope(r, 1).await;
     let v = fake.rate_violations();
     assert_eq!(v.len(), 1);
     assert_eq!(

@@ -11,7 +11,7 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use support::seatable::Outage;
-use support::stack::{ADDRESS, InProcess, Stack, Tuning, fixture};
+use support::stack::{ADDRESS, InProcess, Stack, Tuning, fixture, run_cli};
 use support::telegram::{Call, Fault, FaultRule, FileSource};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -702,22 +702,6 @@ async fn a_refused_photo_is_resent_as_a_document_and_network_errors_are_retried(
     );
     assert_eq!(methods(&run, BOB), ["sendPhoto"]);
     run.stop().await;
-}
-
-fn run_cli(args: &[&str]) -> (i32, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_report-relay"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

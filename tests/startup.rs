@@ -53,25 +53,24 @@ async fn replay(stack: &Stack, file: &str, timeout_secs: u64) -> (i32, String, D
     let eml = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/superset")
         .join(file);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_report-relay"));
-    command
-        .arg("replay")
-        .arg(eml)
-        .arg("--config")
-        .arg(config)
-        .args(["--mailbox", stack::ADDRESS, "--timeout"])
-        .arg(timeout_secs.to_string())
-        .env("RUST_LOG", "warn");
+    let args = [
+        "replay".to_owned(),
+        eml.display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--mailbox".to_owned(),
+        stack::ADDRESS.to_owned(),
+        "--timeout".to_owned(),
+        timeout_secs.to_string(),
+    ];
     let started = std::time::Instant::now();
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code().unwrap_or(-1), text, started.elapsed())
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        stack::run_cli_logging(&args, "warn")
+    })
+    .await
+    .unwrap();
+    (code, out, started.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

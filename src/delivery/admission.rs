@@ -74,7 +74,7 @@ impl Admission {
 }
 
 /// The file keys of a send's items, in order.
-pub(super) fn file_keys(send: &OutboxSend) -> impl Iterator<Item = FileKey> + '_ {
+fn file_keys(send: &OutboxSend) -> impl Iterator<Item = FileKey> + '_ {
     send.items
         .iter()
         .map(|item| (item.sha256.clone(), item.kind))

@@ -135,6 +135,17 @@ pub fn check(headers: &[String], authserv_id: &str, sender_domain: &str) -> Resu
     }
 }
 
+/// [`check`] for the domain of the From address `from` (`local@domain`).
+///
+/// # Errors
+/// As [`check`], or the mail has no From address.
+pub fn check_from(headers: &[String], authserv_id: &str, from: Option<&str>) -> Result<(), String> {
+    match from.and_then(|from| from.rsplit_once('@')) {
+        Some((_, domain)) => check(headers, authserv_id, domain),
+        None => Err("it has no From address".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

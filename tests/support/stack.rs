@@ -74,6 +74,29 @@ fn free_port() -> u16 {
     super::dovecot::free_port().unwrap()
 }
 
+/// Runs `report-relay ARGS` to the end with `RUST_LOG=error`: its exit code and its stdout
+/// followed by its stderr.
+pub fn run_cli(args: &[&str]) -> (i32, String) {
+    run_cli_logging(args, "error")
+}
+
+/// [`run_cli`] with another `RUST_LOG`, for output that is logged (a warning).
+pub fn run_cli_logging(args: &[&str], rust_log: &str) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_report-relay"))
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
 /// A Superset fixture's bytes.
 pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
