@@ -57,7 +57,7 @@ struct Core {
 }
 
 async fn core(config: &Config) -> anyhow::Result<Core> {
-    let state = State::open(&config.state.path)?;
+    let state = State::from_config(&config.state).await?;
     let metrics = Arc::new(Metrics::new());
     let client = seatable_client(config, metrics.clone())?;
     let backend = Arc::new(SeaTableBackend::new(client, config.seatable.tables.clone()));

@@ -410,19 +410,58 @@ impl Default for DeliveryConfig {
     }
 }
 
-/// `state:`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// `state:`: SQLite (`path`, the embedded default) or PostgreSQL (`url`, shared by replicas);
+/// never both.
+#[serde_as]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
-    /// The SQLite database with checkpoints, outbox, ledger, file_ids and the directory snapshot.
-    #[serde(default = "default_state_path")]
-    pub path: PathBuf,
+    /// The SQLite database with checkpoints, outbox, ledger, file_ids and the directory
+    /// snapshot; `/var/lib/report-relay/state.db` when neither this nor `url` is set.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL URL, `postgres://user:password@host:5432/db`, with libpq's `sslmode`
+    /// (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`) and `sslrootcert` query
+    /// parameters honoured over rustls. A secret: it holds the password.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// How long a lease lasts without renewal, in seconds (PostgreSQL only); renewed every
+    /// third of it. Default 15.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// This replica's name in the leases (PostgreSQL only); default `<hostname>-<pid>`.
+    #[serde(default)]
+    pub replica_id: Option<String>,
 }
+
+impl StateConfig {
+    /// The SQLite file: `path`, or the default.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(default_state_path)
+    }
+}
+
+impl PartialEq for StateConfig {
+    fn eq(&self, other: &Self) -> bool {
+        use secrecy::ExposeSecret;
+        self.path == other.path
+            && self.url.as_ref().map(ExposeSecret::expose_secret)
+                == other.url.as_ref().map(ExposeSecret::expose_secret)
+            && self.lease_secs == other.lease_secs
+            && self.replica_id == other.replica_id
+    }
+}
+
+impl Eq for StateConfig {}
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
-            path: default_state_path(),
+            path: None,
+            url: None,
+            lease_secs: default_lease_secs(),
+            replica_id: None,
         }
     }
 }
@@ -493,6 +532,9 @@ fn default_concurrency() -> usize {
 }
 fn default_give_up_after_secs() -> u64 {
     86_400
+}
+fn default_lease_secs() -> u64 {
+    15
 }
 fn default_state_path() -> PathBuf {
     PathBuf::from("/var/lib/report-relay/state.db")
@@ -671,8 +713,40 @@ impl Config {
         if self.delivery.give_up_after_secs == 0 {
             return Err(("delivery.give_up_after_secs", "must be at least 1".into()));
         }
-        if self.state.path.as_os_str().is_empty() {
+        if self.state.path.is_some() && self.state.url.is_some() {
+            return Err((
+                "state",
+                "set either path (SQLite) or url (PostgreSQL), not both".into(),
+            ));
+        }
+        if self
+            .state
+            .path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
             return Err(("state.path", "must not be empty".into()));
+        }
+        if let Some(url) = &self.state.url {
+            use secrecy::ExposeSecret;
+            let url = url.expose_secret();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err((
+                    "state.url",
+                    "must be a postgres:// or postgresql:// URL".into(),
+                ));
+            }
+        }
+        if self.state.lease_secs < 3 {
+            return Err(("state.lease_secs", "must be at least 3".into()));
+        }
+        if self
+            .state
+            .replica_id
+            .as_ref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(("state.replica_id", "must not be empty".into()));
         }
         Ok(())
     }

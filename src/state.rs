@@ -1,50 +1,54 @@
-//! The local durable state (SQLite, `state.path`): checkpoints, messages, the outbox, file
-//! bytes and their Telegram `file_id`s, the last good directory snapshot, and chat statuses.
+//! The durable state: checkpoints, messages, the outbox, file bytes and their Telegram
+//! `file_id`s, the last good directory snapshot, and chat statuses; on SQLite (`state.path`, the
+//! embedded default) or PostgreSQL (`state.url`, shared by replicas).
 //!
-//! The watcher acknowledges a message with one transaction ([`State::acknowledge`]) that writes
-//! the message, its files, one outbox row per (recipient, send) and the new checkpoint. From then
-//! on the message cannot be lost: the delivery worker drains the outbox and marks each row done
-//! the moment Telegram accepts it, so after a crash only a send in flight can repeat.
-//!
-//! The database runs in WAL mode with `synchronous = FULL`. Calls take turns on one connection:
-//! each waits for it asynchronously, then runs on the blocking pool, so SQLite occupies at most
-//! one blocking thread however many watchers read their checkpoints at once.
+//! [`State`] is the one interface the relay uses; each method runs on whichever backend was
+//! opened, with the same guarantees on both. The watcher acknowledges a message with one
+//! transaction ([`State::acknowledge`]) that writes the message, its files, one outbox row per
+//! (recipient, send) and the new checkpoint. From then on the message cannot be lost: the
+//! delivery worker drains the outbox and marks each row done in its own commit the moment
+//! Telegram accepts it, so after a crash only a send in flight can repeat.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 pub use crate::imap::Checkpoint;
+use crate::report::render::ItemKind;
 
 mod files;
 mod outbox;
+mod postgres;
+mod sqlite;
 
 pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendCounts, SendResult,
 };
-
-/// The SQLite schema, applied on every open (`CREATE … IF NOT EXISTS`).
-const SCHEMA: &str = include_str!("state/schema.sql");
+pub use self::postgres::Postgres;
+pub use self::sqlite::Sqlite;
 
 /// A handle on the state database; cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct State {
-    /// An async mutex: a caller waiting for its turn holds no thread.
-    conn: Arc<tokio::sync::Mutex<Connection>>,
-    /// An exclusive lock on `<state.path>.lock`, held while any clone lives: two relay
-    /// processes draining one outbox would send everything twice.
-    _lock: Arc<std::fs::File>,
+    backend: Backend,
 }
 
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("State")
-    }
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(Sqlite),
+    Postgres(Postgres),
+}
+
+/// Runs the same call on whichever backend this state is.
+macro_rules! on_backend {
+    ($self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        match &$self.backend {
+            Backend::Sqlite(db) => db.$method($($arg),*).await,
+            Backend::Postgres(db) => db.$method($($arg),*).await,
+        }
+    };
 }
 
 /// What happened to an acknowledged message.
@@ -73,81 +77,71 @@ impl MessageOutcome {
     }
 }
 
-fn millis(time: SystemTime) -> i64 {
+/// Milliseconds since the Unix epoch, the unit of every time column.
+pub(crate) fn millis(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
-fn from_millis(ms: i64) -> SystemTime {
+pub(crate) fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
+/// The `kv` key of the persisted directory snapshot.
 const SNAPSHOT_KEY: &str = "directory_snapshot";
 
 impl State {
-    /// Opens (creating if needed) the database at `path`, with its parent directory.
+    /// Opens (creating if needed) the SQLite database at `path`, with its parent directory.
     ///
     /// # Errors
-    /// The directory or database cannot be created or opened, or the schema cannot be applied.
+    /// The directory or database cannot be created, opened or locked (another process uses
+    /// it), or the schema cannot be applied.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("Failed to create {}", parent.display()))?;
-        }
-        let lock_path = path.with_extension("db.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("Failed to open {}", lock_path.display()))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "the state database {} is in use by another report-relay process; stop it first \
-                 (two processes would send every report twice)",
-                path.display()
-            ),
-            Err(std::fs::TryLockError::Error(error)) => {
-                return Err(error)
-                    .with_context(|| format!("Failed to lock {}", lock_path.display()));
-            }
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("Failed to open the state database {}", path.display()))?;
-        // The persisted directory snapshot can hold mailbox passwords from SeaTable rows: keep
-        // the file private to the service user (SQLite gives its WAL the same mode).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("Failed to make {} private", path.display()))?;
-        }
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)
-            .context("Failed to create the state schema")?;
         Ok(Self {
-            conn: Arc::new(tokio::sync::Mutex::new(conn)),
-            _lock: Arc::new(lock),
+            backend: Backend::Sqlite(Sqlite::open(path)?),
         })
     }
 
-    /// Runs `f` on the connection on the blocking pool, once it is this caller's turn (first
-    /// come, first served). The turn is taken before the blocking pool is involved, so a queue
-    /// of callers costs no threads; the guard moves into the blocking task and is released when
-    /// `f` returns, even if this future was dropped meanwhile.
-    async fn with<T, F>(&self, f: F) -> anyhow::Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
-    {
-        let mut guard = self.conn.clone().lock_owned().await;
-        tokio::task::spawn_blocking(move || f(&mut guard))
-            .await
-            .context("The state database task failed")?
+    /// Connects to the PostgreSQL database at `url` (`postgres://user:password@host:port/db`,
+    /// with libpq's `sslmode` honoured over rustls) and applies the pending migrations.
+    ///
+    /// # Errors
+    /// The URL is malformed, the server cannot be reached within 30 s, the login fails, or a
+    /// migration fails. The messages never contain the URL's password.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            backend: Backend::Postgres(Postgres::connect(url).await?),
+        })
+    }
+
+    /// Opens the backend `config` names: `state.url` (PostgreSQL) when set, else `state.path`.
+    ///
+    /// # Errors
+    /// As [`State::open`] or [`State::connect`].
+    pub async fn from_config(config: &crate::config::StateConfig) -> anyhow::Result<Self> {
+        use secrecy::ExposeSecret;
+        match &config.url {
+            Some(url) => Self::connect(url.expose_secret()).await,
+            None => Self::open(&config.sqlite_path()),
+        }
+    }
+
+    /// The PostgreSQL backend, when this state is one (leases and `LISTEN/NOTIFY` exist only
+    /// there).
+    pub fn postgres(&self) -> Option<&Postgres> {
+        match &self.backend {
+            Backend::Postgres(db) => Some(db),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The backend's name for logs and `/readyz`: `"sqlite"` or `"postgres"`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
     /// The stored checkpoint of `mailbox`.
@@ -155,22 +149,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
-        let mailbox = mailbox.to_owned();
-        self.with(move |conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT uid_validity, last_uid FROM checkpoints WHERE mailbox = ?1",
-                    [&mailbox],
-                    |row| {
-                        Ok(Checkpoint {
-                            uid_validity: row.get(0)?,
-                            last_uid: row.get(1)?,
-                        })
-                    },
-                )
-                .optional()?)
-        })
-        .await
+        on_backend!(self.checkpoint(mailbox))
     }
 
     /// Writes the checkpoint of `mailbox` on its own (first start, new UIDVALIDITY).
@@ -182,12 +161,7 @@ impl State {
         mailbox: &str,
         checkpoint: Checkpoint,
     ) -> anyhow::Result<()> {
-        let mailbox = mailbox.to_owned();
-        self.with(move |conn| {
-            write_checkpoint(conn, &mailbox, checkpoint)?;
-            Ok(())
-        })
-        .await
+        on_backend!(self.set_checkpoint(mailbox, checkpoint))
     }
 
     /// Persists the last good directory snapshot (JSON).
@@ -195,14 +169,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub async fn save_snapshot(&self, json: String) -> anyhow::Result<()> {
-        self.with(move |conn| {
-            conn.execute(
-                "INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2)",
-                params![SNAPSHOT_KEY, json],
-            )?;
-            Ok(())
-        })
-        .await
+        on_backend!(self.save_snapshot(json))
     }
 
     /// The persisted directory snapshot (JSON), if any.
@@ -210,16 +177,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub async fn load_snapshot(&self) -> anyhow::Result<Option<String>> {
-        self.with(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT value FROM kv WHERE key = ?1",
-                    [SNAPSHOT_KEY],
-                    |row| row.get(0),
-                )
-                .optional()?)
-        })
-        .await
+        on_backend!(self.load_snapshot())
     }
 
     /// Records that a chat blocked or removed the bot (`Some(status)`), or clears it (`None`).
@@ -231,17 +189,7 @@ impl State {
         chat_id: i64,
         status: Option<String>,
     ) -> anyhow::Result<()> {
-        self.with(move |conn| {
-            match status {
-                Some(status) => conn.execute(
-                    "INSERT OR REPLACE INTO chat_status (chat_id, status, updated_at) VALUES (?1, ?2, ?3)",
-                    params![chat_id, status, millis(SystemTime::now())],
-                )?,
-                None => conn.execute("DELETE FROM chat_status WHERE chat_id = ?1", [chat_id])?,
-            };
-            Ok(())
-        })
-        .await
+        on_backend!(self.set_chat_status(chat_id, status))
     }
 
     /// Every chat that blocked or removed the bot, with its status.
@@ -249,35 +197,158 @@ impl State {
     /// # Errors
     /// A database error.
     pub async fn chat_statuses(&self) -> anyhow::Result<Vec<(i64, String)>> {
-        self.with(|conn| {
-            let mut statement = conn.prepare("SELECT chat_id, status FROM chat_status")?;
-            let rows = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
+        on_backend!(self.chat_statuses())
+    }
+
+    /// The stored bytes of a file.
+    ///
+    /// # Errors
+    /// A database error, or no such file.
+    pub async fn file_bytes(&self, sha256: &str) -> anyhow::Result<bytes::Bytes> {
+        on_backend!(self.file_bytes(sha256))
+    }
+
+    /// The Telegram `file_id` of an uploaded file, per kind (a photo's id cannot send a
+    /// document and vice versa).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn file_id(&self, sha256: &str, kind: ItemKind) -> anyhow::Result<Option<String>> {
+        on_backend!(self.file_id(sha256, kind))
+    }
+
+    /// Remembers the `file_id` Telegram returned for an upload.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn store_file_id(
+        &self,
+        sha256: &str,
+        kind: ItemKind,
+        file_id: &str,
+    ) -> anyhow::Result<()> {
+        on_backend!(self.store_file_id(sha256, kind, file_id))
+    }
+
+    /// Forgets a `file_id` Telegram no longer accepts.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn forget_file_id(&self, sha256: &str, kind: ItemKind) -> anyhow::Result<()> {
+        on_backend!(self.forget_file_id(sha256, kind))
+    }
+
+    /// Stores a message, its files, its outbox rows and the checkpoint in one transaction.
+    ///
+    /// # Errors
+    /// A database error; then nothing was written.
+    pub async fn acknowledge(&self, ack: Acknowledgement) -> anyhow::Result<AckResult> {
+        on_backend!(self.acknowledge(ack))
+    }
+
+    /// The first pending send of each chat that is due at `now`, oldest first, skipping the
+    /// chats in `busy` and the rows in `in_flight`, and keeping those `admit` takes: at most
+    /// `limit` rows. `admit` sees each candidate in order and may reserve something for it
+    /// (the pacer's cells); a row it refuses stays pending and blocks its chat's later rows.
+    ///
+    /// A row whose JSON cannot be read (written by a newer version, or damaged) is marked
+    /// failed with the parse error and logged, so it never blocks the rows after it.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn due_sends<F>(
+        &self,
+        now: SystemTime,
+        busy: Vec<i64>,
+        in_flight: Vec<i64>,
+        limit: usize,
+        admit: F,
+    ) -> anyhow::Result<Vec<OutboxRow>>
+    where
+        F: FnMut(&OutboxRow) -> bool + std::marker::Send + 'static,
+    {
+        on_backend!(self.due_sends(now, busy, in_flight, limit, admit))
+    }
+
+    /// When the next pending send that is not due yet becomes due, if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn next_due_at(&self) -> anyhow::Result<Option<SystemTime>> {
+        on_backend!(self.next_due_at())
+    }
+
+    /// Marks a send finished: done, or failed for good, in its own commit.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn finish_send(&self, id: i64, result: SendResult) -> anyhow::Result<()> {
+        on_backend!(self.finish_send(id, result))
+    }
+
+    /// Fails every other pending send of the same message to the same chat (the recipient
+    /// refused the first one permanently). Returns how many were failed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn fail_rest_of_message(
+        &self,
+        message_id: i64,
+        chat_id: i64,
+        error: String,
+    ) -> anyhow::Result<usize> {
+        on_backend!(self.fail_rest_of_message(message_id, chat_id, error))
+    }
+
+    /// Puts a send back with a delay after a transient failure; `count_attempt` adds one to
+    /// its attempts (a 429 does not).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn retry_send(
+        &self,
+        id: i64,
+        not_before: SystemTime,
+        count_attempt: bool,
+        error: String,
+    ) -> anyhow::Result<()> {
+        on_backend!(self.retry_send(id, not_before, count_attempt, error))
+    }
+
+    /// Moves every pending send of `old` to `new` (a group upgraded to a supergroup).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn migrate_chat(&self, old: i64, new: i64) -> anyhow::Result<usize> {
+        on_backend!(self.migrate_chat(old, new))
+    }
+
+    /// Sends waiting in the outbox.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn pending_count(&self) -> anyhow::Result<i64> {
+        on_backend!(self.pending_count())
+    }
+
+    /// Deletes what is no longer needed: finished outbox rows finished before `cutoff`, messages
+    /// acknowledged before it that have no outbox row left, and file bytes last queued before it
+    /// that no pending send needs. Checkpoints, `file_id`s, the ledger of relayed content and
+    /// the replays (what makes an old mail a duplicate), the snapshot and chat statuses stay.
+    /// Returns the number of rows deleted.
+    ///
+    /// # Errors
+    /// A database error; then nothing was deleted.
+    pub async fn prune(&self, cutoff: SystemTime) -> anyhow::Result<usize> {
+        on_backend!(self.prune(cutoff))
+    }
+
+    /// How the sends of these messages stand (for `replay --mailbox`, which waits for its own
+    /// sends only).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn send_counts(&self, message_ids: Vec<i64>) -> anyhow::Result<SendCounts> {
+        on_backend!(self.send_counts(message_ids))
     }
 }
-
-fn write_checkpoint(
-    conn: &Connection,
-    mailbox: &str,
-    checkpoint: Checkpoint,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO checkpoints (mailbox, uid_validity, last_uid, updated_at)
-         VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (mailbox) DO UPDATE SET uid_validity = ?2, last_uid = ?3, updated_at = ?4",
-        params![
-            mailbox,
-            checkpoint.uid_validity,
-            checkpoint.last_uid,
-            millis(SystemTime::now())
-        ],
-    )?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests;

@@ -97,7 +97,7 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
             Box::pin(async move { Ok(snapshot) })
         },
     ));
-    let state = State::open(&config.state.path).unwrap();
+    let state = State::open(&config.state.sqlite_path()).unwrap();
     let directory = Arc::new(Directory::new(
         backend.clone(),
         state,

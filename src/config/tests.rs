@@ -49,7 +49,7 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(config.delivery.concurrency, 16);
     assert_eq!(config.delivery.give_up_after_secs, 86_400);
     assert_eq!(
-        config.state.path,
+        config.state.sqlite_path(),
         PathBuf::from("/var/lib/report-relay/state.db")
     );
     assert_eq!(config.http.listen.to_string(), "127.0.0.1:9464");

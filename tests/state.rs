@@ -1,5 +1,82 @@
-use super::*;
-use crate::report::render::{ItemKind, Method};
+//! The state's behaviour, the same on both backends: every test runs on SQLite and on a real
+//! PostgreSQL (its own cluster, `support::postgres`).
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use report_relay::report::render::{ItemKind, Method};
+use report_relay::state::{
+    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxItem, OutboxSend, SendResult,
+    State, StoredFile,
+};
+
+/// Where a test's state lives: a SQLite file in a temp dir, or its own PostgreSQL server.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(support::postgres::Postgres),
+}
+
+impl Db {
+    async fn sqlite() -> Self {
+        Self::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    async fn postgres() -> Self {
+        Self::Postgres(support::postgres::Postgres::start().await.unwrap())
+    }
+
+    /// Opens the state (again: a reopen sees what an earlier handle wrote).
+    async fn open(&self) -> State {
+        match self {
+            Self::Sqlite(dir) => State::open(&dir.path().join("sub/state.db")).unwrap(),
+            Self::Postgres(server) => State::connect(&server.url()).await.unwrap(),
+        }
+    }
+
+    /// Replaces the send of `chat_id`'s first outbox row with JSON no version can read.
+    async fn damage_first_row_of(&self, state: &State, chat_id: i64) {
+        const SQL: &str = "UPDATE outbox SET send = '{\"method\": \"sendCarrierPigeon\"}' \
+                           WHERE id = (SELECT MIN(id) FROM outbox WHERE chat_id = $1)";
+        match self {
+            Self::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("sub/state.db")).unwrap();
+                conn.execute(&SQL.replace("$1", "?1"), [chat_id]).unwrap();
+            }
+            Self::Postgres(_) => {
+                let pool = state.postgres().unwrap().pool();
+                sqlx::query(SQL).bind(chat_id).execute(pool).await.unwrap();
+            }
+        }
+    }
+
+    /// The error stored with the (only) failed outbox row.
+    async fn failed_error(&self, state: &State) -> String {
+        const SQL: &str = "SELECT error FROM outbox WHERE status = 'failed'";
+        match self {
+            Self::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("sub/state.db")).unwrap();
+                conn.query_row(SQL, [], |row| row.get(0)).unwrap()
+            }
+            Self::Postgres(_) => sqlx::query_scalar(SQL)
+                .fetch_one(state.postgres().unwrap().pool())
+                .await
+                .unwrap(),
+        }
+    }
+}
+
+/// One `#[tokio::test]` per backend for each named test body.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(super::Db::sqlite().await).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(super::Db::postgres().await).await })*
+        }
+    };
+}
 
 fn send(text: &str) -> OutboxSend {
     OutboxSend {
@@ -7,13 +84,6 @@ fn send(text: &str) -> OutboxSend {
         items: Vec::new(),
         text: Some(text.into()),
     }
-}
-
-/// A state in a fresh temp dir (kept alive by the returned guard).
-fn fresh_state() -> (tempfile::TempDir, State) {
-    let dir = tempfile::tempdir().unwrap();
-    let state = State::open(&dir.path().join("state.db")).unwrap();
-    (dir, state)
 }
 
 fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
@@ -40,9 +110,21 @@ fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
     }
 }
 
-#[tokio::test]
-async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
-    let (_dir, state) = fresh_state();
+on_both_backends!(
+    acknowledge_writes_message_outbox_and_checkpoint_together,
+    retries_wait_and_migrations_move_pending_rows,
+    file_ids_snapshot_and_chat_status_persist_across_reopen,
+    prune_keeps_pending_work_and_drops_old_finished_work,
+    a_reused_uid_with_new_content_is_not_a_duplicate,
+    a_row_in_flight_is_not_handed_out_again_after_a_migration,
+    replays_are_keyed_by_content_hash,
+    admit_refusing_a_head_keeps_its_chat_blocked,
+    a_replay_and_imap_dedupe_against_each_other_even_after_pruning,
+    an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go,
+);
+
+async fn acknowledge_writes_message_outbox_and_checkpoint_together(db: Db) {
+    let state = db.open().await;
     let result = state
         .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
         .await
@@ -93,9 +175,8 @@ async fn acknowledge_writes_message_outbox_and_checkpoint_together() {
     assert_eq!(state.file_bytes("f1").await.unwrap().as_ref(), b"png");
 }
 
-#[tokio::test]
-async fn retries_wait_and_migrations_move_pending_rows() {
-    let (_dir, state) = fresh_state();
+async fn retries_wait_and_migrations_move_pending_rows(db: Db) {
+    let state = db.open().await;
     state
         .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
         .await
@@ -139,12 +220,9 @@ async fn retries_wait_and_migrations_move_pending_rows() {
     assert_eq!(state.pending_count().await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn file_ids_snapshot_and_chat_status_persist_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sub/state.db");
+async fn file_ids_snapshot_and_chat_status_persist_across_reopen(db: Db) {
     {
-        let state = State::open(&path).unwrap();
+        let state = db.open().await;
         state
             .store_file_id("abc", ItemKind::Photo, "AgAC1")
             .await
@@ -155,7 +233,7 @@ async fn file_ids_snapshot_and_chat_status_persist_across_reopen() {
             .await
             .unwrap();
     }
-    let state = State::open(&path).unwrap();
+    let state = db.open().await;
     assert_eq!(
         state
             .file_id("abc", ItemKind::Photo)
@@ -180,9 +258,8 @@ async fn file_ids_snapshot_and_chat_status_persist_across_reopen() {
     assert!(state.chat_statuses().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn prune_keeps_pending_work_and_drops_old_finished_work() {
-    let (_dir, state) = fresh_state();
+async fn prune_keeps_pending_work_and_drops_old_finished_work(db: Db) {
+    let state = db.open().await;
     let mut with_file = ack(1, vec![(1, send("done")), (2, send("pending"))]);
     with_file.sends[1].1.items.push(OutboxItem {
         kind: ItemKind::Photo,
@@ -219,23 +296,8 @@ async fn prune_keeps_pending_work_and_drops_old_finished_work() {
     );
 }
 
-#[test]
-fn a_second_process_cannot_open_the_same_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let first = State::open(&path).unwrap();
-    let error = State::open(&path).unwrap_err().to_string();
-    assert!(
-        error.contains("in use by another report-relay process"),
-        "{error}"
-    );
-    drop(first);
-    State::open(&path).unwrap();
-}
-
-#[tokio::test]
-async fn a_reused_uid_with_new_content_is_not_a_duplicate() {
-    let (_dir, state) = fresh_state();
+async fn a_reused_uid_with_new_content_is_not_a_duplicate(db: Db) {
+    let state = db.open().await;
     state
         .acknowledge(ack(5, vec![(1, send("a"))]))
         .await
@@ -249,9 +311,8 @@ async fn a_reused_uid_with_new_content_is_not_a_duplicate() {
     assert_eq!(state.pending_count().await.unwrap(), 2);
 }
 
-#[tokio::test]
-async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
-    let (_dir, state) = fresh_state();
+async fn a_row_in_flight_is_not_handed_out_again_after_a_migration(db: Db) {
+    let state = db.open().await;
     state
         .acknowledge(ack(1, vec![(-100, send("a")), (-100, send("b"))]))
         .await
@@ -270,9 +331,8 @@ async fn a_row_in_flight_is_not_handed_out_again_after_a_migration() {
     assert!(due.is_empty(), "{due:?}");
 }
 
-#[tokio::test]
-async fn replays_are_keyed_by_content_hash() {
-    let (_dir, state) = fresh_state();
+async fn replays_are_keyed_by_content_hash(db: Db) {
+    let state = db.open().await;
     let mut replay = ack(0, vec![(1, send("a"))]);
     replay.uid = None;
     replay.checkpoint = None;
@@ -287,106 +347,8 @@ async fn replays_are_keyed_by_content_hash() {
     assert_eq!(state.pending_count().await.unwrap(), 1);
 }
 
-/// Callers waiting for the connection wait asynchronously, not on the blocking pool: with one
-/// call holding the connection and 100 more queued behind it, a runtime allowed only two
-/// blocking threads still runs other blocking work (a host-name lookup, say) at once.
-#[test]
-fn queued_calls_hold_no_blocking_threads() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .max_blocking_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (_dir, state) = fresh_state();
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (started, holding) = tokio::sync::oneshot::channel();
-        let holder = tokio::spawn({
-            let state = state.clone();
-            async move {
-                state
-                    .with(move |_conn| {
-                        let _ = started.send(());
-                        let _ = held.recv();
-                        Ok(())
-                    })
-                    .await
-            }
-        });
-        holding.await.unwrap();
-
-        let mailboxes: Vec<String> = (0..100).map(|i| format!("m{i}@example.com")).collect();
-        let mut queued: Vec<_> = mailboxes
-            .iter()
-            .map(|mailbox| Box::pin(state.checkpoint(mailbox)))
-            .collect();
-        for call in &mut queued {
-            assert!(futures::poll!(call.as_mut()).is_pending());
-        }
-        // The deadline only turns a regression (the pool full of waiting calls) into a failure.
-        let other = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::task::spawn_blocking(|| "ran"),
-        )
-        .await
-        .expect("the blocking pool has room while 100 calls wait")
-        .unwrap();
-        assert_eq!(other, "ran");
-
-        release.send(()).unwrap();
-        holder.await.unwrap().unwrap();
-        for checkpoint in futures::future::join_all(queued).await {
-            assert_eq!(checkpoint.unwrap(), None);
-        }
-    });
-}
-
-#[tokio::test]
-async fn an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go() {
-    let (_dir, state) = fresh_state();
-    state
-        .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
-        .await
-        .unwrap();
-    state
-        .with(|conn| {
-            conn.execute(
-                "UPDATE outbox SET send = '{\"method\": \"sendCarrierPigeon\"}' WHERE chat_id = 1 \
-                 AND id = (SELECT MIN(id) FROM outbox WHERE chat_id = 1)",
-                [],
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
-    let due = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
-        .await
-        .unwrap();
-    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
-    assert_eq!(heads, [Some("c".into())], "chat 1's head was unreadable");
-    let due = state
-        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
-        .await
-        .unwrap();
-    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
-    assert_eq!(heads, [Some("b".into()), Some("c".into())]);
-    let failed = state
-        .with(|conn| {
-            Ok(conn.query_row(
-                "SELECT error FROM outbox WHERE status = 'failed'",
-                [],
-                |row| row.get::<_, String>(0),
-            )?)
-        })
-        .await
-        .unwrap();
-    assert!(failed.starts_with("unreadable outbox row: "), "{failed}");
-}
-
-#[tokio::test]
-async fn admit_refusing_a_head_keeps_its_chat_blocked() {
-    let (_dir, state) = fresh_state();
+async fn admit_refusing_a_head_keeps_its_chat_blocked(db: Db) {
+    let state = db.open().await;
     state
         .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
         .await
@@ -419,9 +381,8 @@ async fn finish_all_and_prune(state: &State) {
     assert!(state.prune(later).await.unwrap() > 0);
 }
 
-#[tokio::test]
-async fn a_replay_and_imap_dedupe_against_each_other_even_after_pruning() {
-    let (_dir, state) = fresh_state();
+async fn a_replay_and_imap_dedupe_against_each_other_even_after_pruning(db: Db) {
+    let state = db.open().await;
     // IMAP relayed it; a month later someone replays the same file.
     state
         .acknowledge(ack(5, vec![(1, send("a"))]))
@@ -460,4 +421,27 @@ async fn a_replay_and_imap_dedupe_against_each_other_even_after_pruning() {
         }),
         "a duplicate still moves the checkpoint"
     );
+}
+
+async fn an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go(db: Db) {
+    let state = db.open().await;
+    state
+        .acknowledge(ack(5, vec![(1, send("a")), (1, send("b")), (2, send("c"))]))
+        .await
+        .unwrap();
+    db.damage_first_row_of(&state, 1).await;
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
+    assert_eq!(heads, [Some("c".into())], "chat 1's head was unreadable");
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let heads: Vec<_> = due.iter().map(|r| r.send.text.clone()).collect();
+    assert_eq!(heads, [Some("b".into()), Some("c".into())]);
+    let failed = db.failed_error(&state).await;
+    assert!(failed.starts_with("unreadable outbox row: "), "{failed}");
 }

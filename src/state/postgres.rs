@@ -1,0 +1,290 @@
+//! The PostgreSQL backend of the state (`state.url`), shared by every replica.
+//!
+//! sqlx's pool over rustls; the schema is created and upgraded by versioned migrations
+//! (`state/postgres/NNNN_*.sql`, recorded in `_sqlx_migrations`) when the relay connects, under
+//! sqlx's advisory lock so two replicas starting together migrate once. Every call has a
+//! client-side deadline ([`CALL_TIMEOUT`]) on top of the server's `statement_timeout`, so a
+//! partition never hangs a watcher. Times are Unix milliseconds, as on SQLite; the leases use
+//! the server's clock (`now()`), so replicas' clocks do not matter.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use sqlx::Row;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::SNAPSHOT_KEY;
+use crate::imap::Checkpoint;
+use crate::report::render::ItemKind;
+use crate::state::files::kind_name;
+use crate::state::millis;
+
+mod outbox;
+
+/// The deadline of one call to PostgreSQL, connection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many connections one replica opens at most.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// The migrations, in order. A released migration is never edited (sqlx checks its checksum);
+/// a schema change is a new file.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "state", include_str!("postgres/0001_state.sql"))];
+
+/// A handle on the PostgreSQL state; cheap to clone.
+#[derive(Clone)]
+pub struct Postgres {
+    pool: PgPool,
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Postgres")
+    }
+}
+
+/// A sqlx error in words without the connection URL (sqlx's errors never carry the password,
+/// but a config error would quote the text it was given).
+fn database_error(error: sqlx::Error) -> anyhow::Error {
+    match error {
+        sqlx::Error::Configuration(_) => {
+            anyhow::anyhow!("state.url is not a valid PostgreSQL URL")
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// Runs one database call with [`CALL_TIMEOUT`].
+async fn timed<T>(
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.map_err(database_error).context(what),
+        Err(_) => anyhow::bail!(
+            "{what}: PostgreSQL did not answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+impl Postgres {
+    /// Connects to `url` and applies the pending migrations.
+    ///
+    /// # Errors
+    /// A malformed URL, an unreachable server, a refused login, or a failed migration; the
+    /// messages never contain the URL.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|_| anyhow::anyhow!("state.url is not a valid PostgreSQL URL"))?
+            .application_name("report-relay")
+            .options([("statement_timeout", "30s")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(CALL_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(database_error)
+            .context("Failed to connect to PostgreSQL (state.url)")?;
+        let migrator = Migrator {
+            migrations: Cow::Owned(
+                MIGRATIONS
+                    .iter()
+                    .map(|(version, description, sql)| {
+                        Migration::new(
+                            *version,
+                            Cow::Borrowed(*description),
+                            MigrationType::Simple,
+                            sqlx::SqlStr::from_static(sql),
+                            false,
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        tokio::time::timeout(Duration::from_secs(120), migrator.run(&pool))
+            .await
+            .map_err(|_| anyhow::anyhow!("The state migrations did not finish within 120 s"))?
+            .context("Failed to migrate the PostgreSQL state schema")?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for the leases and `LISTEN/NOTIFY`.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(super) async fn checkpoint(&self, mailbox: &str) -> anyhow::Result<Option<Checkpoint>> {
+        let row = timed(
+            "Failed to read a checkpoint",
+            sqlx::query("SELECT uid_validity, last_uid FROM checkpoints WHERE mailbox = $1")
+                .bind(mailbox)
+                .fetch_optional(&self.pool),
+        )
+        .await?;
+        row.map(|row| checkpoint_of(&row)).transpose()
+    }
+
+    pub(super) async fn set_checkpoint(
+        &self,
+        mailbox: &str,
+        checkpoint: Checkpoint,
+    ) -> anyhow::Result<()> {
+        timed(
+            "Failed to write a checkpoint",
+            write_checkpoint(&self.pool, mailbox, checkpoint),
+        )
+        .await
+    }
+
+    pub(super) async fn save_snapshot(&self, json: String) -> anyhow::Result<()> {
+        timed(
+            "Failed to save the directory snapshot",
+            sqlx::query(
+                "INSERT INTO kv (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .bind(SNAPSHOT_KEY)
+            .bind(json)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn load_snapshot(&self) -> anyhow::Result<Option<String>> {
+        timed(
+            "Failed to load the directory snapshot",
+            sqlx::query_scalar("SELECT value FROM kv WHERE key = $1")
+                .bind(SNAPSHOT_KEY)
+                .fetch_optional(&self.pool),
+        )
+        .await
+    }
+
+    pub(super) async fn set_chat_status(
+        &self,
+        chat_id: i64,
+        status: Option<String>,
+    ) -> anyhow::Result<()> {
+        let query = match status {
+            Some(status) => sqlx::query(
+                "INSERT INTO chat_status (chat_id, status, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (chat_id) DO UPDATE SET status = EXCLUDED.status,
+                                                     updated_at = EXCLUDED.updated_at",
+            )
+            .bind(chat_id)
+            .bind(status)
+            .bind(millis(SystemTime::now())),
+            None => sqlx::query("DELETE FROM chat_status WHERE chat_id = $1").bind(chat_id),
+        };
+        timed("Failed to write a chat status", query.execute(&self.pool)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn chat_statuses(&self) -> anyhow::Result<Vec<(i64, String)>> {
+        timed(
+            "Failed to read the chat statuses",
+            sqlx::query_as("SELECT chat_id, status FROM chat_status").fetch_all(&self.pool),
+        )
+        .await
+    }
+
+    pub(super) async fn file_bytes(&self, sha256: &str) -> anyhow::Result<bytes::Bytes> {
+        let bytes: Option<Vec<u8>> = timed(
+            "Failed to read a file",
+            sqlx::query_scalar("SELECT bytes FROM files WHERE sha256 = $1")
+                .bind(sha256)
+                .fetch_optional(&self.pool),
+        )
+        .await?;
+        let bytes = bytes.with_context(|| format!("File {sha256} is not in the state"))?;
+        Ok(bytes::Bytes::from(bytes))
+    }
+
+    pub(super) async fn file_id(
+        &self,
+        sha256: &str,
+        kind: ItemKind,
+    ) -> anyhow::Result<Option<String>> {
+        timed(
+            "Failed to read a file_id",
+            sqlx::query_scalar("SELECT file_id FROM file_ids WHERE sha256 = $1 AND kind = $2")
+                .bind(sha256)
+                .bind(kind_name(kind))
+                .fetch_optional(&self.pool),
+        )
+        .await
+    }
+
+    pub(super) async fn store_file_id(
+        &self,
+        sha256: &str,
+        kind: ItemKind,
+        file_id: &str,
+    ) -> anyhow::Result<()> {
+        timed(
+            "Failed to store a file_id",
+            sqlx::query(
+                "INSERT INTO file_ids (sha256, kind, file_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (sha256, kind) DO UPDATE SET file_id = EXCLUDED.file_id",
+            )
+            .bind(sha256)
+            .bind(kind_name(kind))
+            .bind(file_id)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn forget_file_id(&self, sha256: &str, kind: ItemKind) -> anyhow::Result<()> {
+        timed(
+            "Failed to forget a file_id",
+            sqlx::query("DELETE FROM file_ids WHERE sha256 = $1 AND kind = $2")
+                .bind(sha256)
+                .bind(kind_name(kind))
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A checkpoint row (`uid_validity`, `last_uid`, stored as BIGINT) as the IMAP type.
+fn checkpoint_of(row: &sqlx::postgres::PgRow) -> anyhow::Result<Checkpoint> {
+    let uid_validity: i64 = row.try_get(0)?;
+    let last_uid: i64 = row.try_get(1)?;
+    Ok(Checkpoint {
+        uid_validity: u32::try_from(uid_validity)
+            .context("a stored UIDVALIDITY is out of range")?,
+        last_uid: u32::try_from(last_uid).context("a stored UID is out of range")?,
+    })
+}
+
+async fn write_checkpoint<'e, E>(
+    executor: E,
+    mailbox: &str,
+    checkpoint: Checkpoint,
+) -> Result<(), sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    sqlx::query(
+        "INSERT INTO checkpoints (mailbox, uid_validity, last_uid, updated_at)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (mailbox) DO UPDATE SET uid_validity = EXCLUDED.uid_validity,
+                                             last_uid = EXCLUDED.last_uid,
+                                             updated_at = EXCLUDED.updated_at",
+    )
+    .bind(mailbox)
+    .bind(i64::from(checkpoint.uid_validity))
+    .bind(i64::from(checkpoint.last_uid))
+    .bind(millis(SystemTime::now()))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
