@@ -2,6 +2,8 @@
 # Installs what the integration test suite needs (Debian 12 / bookworm, run as root).
 #
 #   * dovecot-imapd  -> /usr/sbin/dovecot, /usr/bin/doveadm (tests/support/dovecot.rs)
+#   * postgresql     -> /usr/lib/postgresql/<version>/bin/{initdb,postgres,pg_isready,psql}
+#                       (tests/support/postgres.rs)
 #
 # Idempotent: when everything is present it prints nothing and exits 0 in a few
 # milliseconds; `apt-get update` runs only when something is missing.
@@ -14,6 +16,14 @@
 # not conflict with the test instances: separate base_dir, separate ports,
 # doveadm always gets `-c <instance config>`), unless you pass
 # --stop-system-dovecot, which stops and disables it as well.
+#
+# Likewise the tests run their own PostgreSQL clusters (initdb in temp dirs, random
+# loopback ports), never the system service: when this script installs postgresql it
+# keeps the service from starting and disables it, so nothing binds 5432. The
+# package's default cluster (/var/lib/postgresql/<version>/main) is created by Debian
+# but stays unused; as root the test clusters run as the package's `postgres` user.
+# A system PostgreSQL that was already installed and running is left alone (separate
+# data dirs, sockets and ports).
 #
 # Usage: scripts/test-deps.sh [--stop-system-dovecot]
 #
@@ -49,10 +59,37 @@ stop_system_dovecot() {
     fi
 }
 
+# Debian's PostgreSQL binaries live in /usr/lib/postgresql/<version>/bin, not on PATH.
+have_postgres() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_isready" ] && [ -x "$d/psql" ] && return 0
+    done
+    return 1
+}
+
+# Stops and disables the system-wide postgresql service (all clusters), now and
+# after a reboot. Never touches test clusters.
+stop_system_postgres() {
+    if [ -d /run/systemd/system ] && have systemctl; then
+        systemctl disable --now postgresql.service >/dev/null 2>&1 || true
+    elif have update-rc.d && [ -e /etc/init.d/postgresql ]; then
+        update-rc.d postgresql disable >/dev/null 2>&1 || true
+        if have pg_ctlcluster && have pg_lsclusters; then
+            pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+                pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true
+            done
+        fi
+    fi
+}
+
 missing_pkgs=()
 
 if ! have dovecot || ! have doveadm; then
     missing_pkgs+=(dovecot-imapd)
+fi
+if ! have_postgres; then
+    missing_pkgs+=(postgresql)
 fi
 # `nobody` owns the test mail (Dovecot refuses uid 0 for mail); Debian always has it.
 getent passwd nobody >/dev/null 2>&1 || die "user 'nobody' does not exist; the Dovecot harness needs it"
@@ -102,8 +139,19 @@ if ! apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends \
 fi
 rm -f "$aptlog"
 
-# The package's service must not run (and must not start at boot).
-stop_system_dovecot
-
-have dovecot && have doveadm || die "dovecot/doveadm still not found after installing ${missing_pkgs[*]}"
-log "installed: $(dovecot --version 2>/dev/null || echo '?')"
+# The packages' services must not run (and must not start at boot).
+for pkg in "${missing_pkgs[@]}"; do
+    case "$pkg" in
+        dovecot-imapd)
+            stop_system_dovecot
+            have dovecot && have doveadm || die "dovecot/doveadm still not found after installing $pkg"
+            log "installed: dovecot $(dovecot --version 2>/dev/null || echo '?')"
+            ;;
+        postgresql)
+            stop_system_postgres
+            have_postgres || die "initdb/postgres/pg_isready/psql still not found in /usr/lib/postgresql/*/bin after installing $pkg"
+            pg=$(printf '%s\n' /usr/lib/postgresql/*/bin/postgres | sort -V | tail -n 1)
+            log "installed: $("$pg" --version 2>/dev/null || echo 'postgresql ?')"
+            ;;
+    esac
+done

@@ -1,4 +1,5 @@
-//! What the integration tests share: a real Dovecot per test, the fake SeaTable and Telegram
+//! What the integration tests share: a real Dovecot (and, for the PostgreSQL state, a real
+//! PostgreSQL) per test, the fake SeaTable and Telegram
 //! servers, and the whole relay on top of them.
 //!
 //! Every test crate (and `benches/relay.rs`) includes it the same way and uses what it needs:
@@ -15,6 +16,7 @@ pub mod dovecot;
 #[allow(dead_code)]
 pub mod entities;
 pub mod imap_script;
+pub mod postgres;
 pub mod seatable;
 pub mod stack;
 pub mod telegram;
