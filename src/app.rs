@@ -22,9 +22,10 @@ use crate::directory::{
 };
 use crate::metrics::Metrics;
 use crate::relay::{Handles, Incoming, Relay, RelaySettings};
+use crate::replica::{DELIVERY, Replica, UPDATES, default_replica_id, run_while_held};
 use crate::schema::Schema;
 use crate::seatable::SeaTableClient;
-use crate::state::State;
+use crate::state::{OUTBOX_CHANNEL, State};
 use crate::supervisor::{Supervisor, Watchers};
 
 /// How long `last_uid` write-backs are coalesced, per mailbox.
@@ -192,18 +193,70 @@ pub async fn run_reloading(
         }
     }
 
-    let (worker, wake) = delivery_worker(&config, &state, &metrics, &migrations)?;
-    tracker.spawn(worker.run(cancel.clone()));
+    let replica = match state.postgres() {
+        Some(postgres) => Replica::shared(
+            postgres.clone(),
+            config
+                .state
+                .replica_id
+                .clone()
+                .unwrap_or_else(default_replica_id),
+            Duration::from_secs(config.state.lease_secs),
+        ),
+        None => Replica::solo(),
+    };
+    watchers.set_replica(replica.clone());
+    // The leases outlive the work they cover: released only once it stopped.
+    let leasing = CancellationToken::new();
+    let lease_task = tokio::spawn(replica.clone().run(directory.clone(), leasing.clone()));
+
+    let wake = Arc::new(tokio::sync::Notify::new());
+    tracker.spawn(run_while_held(replica.clone(), DELIVERY, cancel.clone(), {
+        let (config, state, metrics, migrations) = (
+            config.clone(),
+            state.clone(),
+            metrics.clone(),
+            migrations.clone(),
+        );
+        let (wake, replica) = (wake.clone(), replica.clone());
+        move |fence, held| {
+            let worker = delivery_worker(&config, &state.fenced(fence), &metrics, &migrations);
+            let (wake, replica, pool) = (
+                wake.clone(),
+                replica.clone(),
+                state.postgres().map(|db| db.pool().clone()),
+            );
+            async move {
+                let worker = match worker {
+                    Ok((worker, _)) => worker,
+                    Err(error) => {
+                        error!(
+                            error = format!("{error:#}"),
+                            "Cannot build the delivery worker."
+                        );
+                        return;
+                    }
+                };
+                if let Some(pool) = pool {
+                    tokio::spawn(listen_for_outbox(pool, wake.clone(), held.clone()));
+                }
+                let may_send = Arc::new(move || replica.holds(DELIVERY));
+                worker
+                    .with_wake(wake)
+                    .sending_while(may_send)
+                    .run(held)
+                    .await;
+            }
+        }
+    }));
 
     let last_uid = Arc::new(LastUidWriter::new(backend.clone(), LAST_UID_WRITE_INTERVAL));
     tracker.spawn(last_uid.clone().run(cancel.clone()));
 
-    let relay = Arc::new(Relay::new(
-        handles,
-        RelaySettings::new(&config),
-        wake,
-        Some(last_uid),
-    ));
+    let relay = Arc::new(
+        Relay::new(handles, RelaySettings::new(&config), wake, Some(last_uid))
+            .leased(replica.clone()),
+    );
     let registrar = crate::bot::Registrar::new(
         directory.clone(),
         statuses.clone(),
@@ -211,7 +264,12 @@ pub async fn run_reloading(
         config.telegram.default_country_code.clone(),
     );
     let polling = crate::bot::polling_bot(&config.telegram.bot_token, &config.telegram.api_url)?;
-    tracker.spawn(crate::bot::run(polling, registrar, cancel.clone()));
+    tracker.spawn(run_while_held(
+        replica.clone(),
+        UPDATES,
+        cancel.clone(),
+        move |_, held| crate::bot::run(polling.clone(), registrar.clone(), held),
+    ));
 
     let supervisor = Supervisor::new(
         config.clone(),
@@ -220,7 +278,8 @@ pub async fn run_reloading(
         metrics.clone(),
         watchers,
     )
-    .reloading(config_changes);
+    .reloading(config_changes)
+    .leased(replica.clone());
     tracker.spawn(supervisor.run(cancel.clone(), SHUTDOWN_GRACE / 2));
     if let Some(path) = config_path {
         tracker.spawn(reload_on_sighup(path, config_updates, cancel.clone()));
@@ -237,9 +296,45 @@ pub async fn run_reloading(
     {
         warn!("Some tasks did not stop within the shutdown deadline.");
     }
+    leasing.cancel();
+    let _ = lease_task.await;
+    replica.release_all().await;
     let _ = http.await;
     info!("Stopped.");
     Ok(())
+}
+
+/// Wakes the delivery worker whenever a watcher on any replica acknowledged sends
+/// (PostgreSQL's `LISTEN` on [`OUTBOX_CHANNEL`]), until `cancel` fires; reconnects after a lost
+/// connection and wakes the worker once then, for what it may have missed.
+async fn listen_for_outbox(
+    pool: sqlx::PgPool,
+    wake: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(OUTBOX_CHANNEL).await?;
+            wake.notify_one();
+            loop {
+                listener.recv().await?;
+                wake.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            result = listening => if let Err(error) = result {
+                warn!(%error, "Lost the outbox notifications from PostgreSQL; reconnecting.");
+            },
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Re-reads the config file at every SIGHUP until `cancel` fires and publishes it when it loads.

@@ -119,6 +119,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     events: Arc<dyn ChatEvents>,
     give_up_after: Duration,
+    /// Whether this worker may still send (its replica holds the `delivery` lease), checked
+    /// right before each send.
+    may_send: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// The settings of a [`DeliveryWorker`].
@@ -151,11 +154,29 @@ impl DeliveryWorker {
                 metrics,
                 events,
                 give_up_after: settings.give_up_after,
+                may_send: Arc::new(|| true),
             }),
             concurrency: settings.concurrency.max(1),
             wake: wake.clone(),
         };
         (worker, wake)
+    }
+
+    /// This worker woken by `wake` instead of its own [`Notify`] (a worker started anew each
+    /// time its replica takes the `delivery` lease keeps the watchers' handle).
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = wake;
+        self
+    }
+
+    /// This worker sending only while `may_send` says so (checked right before each send, so
+    /// a replica that lost its `delivery` lease, or was paused past it, sends nothing more);
+    /// a row it does not send stays pending.
+    pub fn sending_while(mut self, may_send: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.may_send = may_send;
+        }
+        self
     }
 
     /// Drains the outbox until `cancel` fires. In-flight sends are abandoned on cancellation
@@ -309,6 +330,15 @@ impl Inner {
         uploads: Vec<FileKey>,
     ) -> Finished {
         tokio::time::sleep_until(start).await;
+        if !(self.may_send)() {
+            debug!(
+                outbox_row = row.id,
+                "Not sending: the delivery lease is no longer held."
+            );
+            return Finished {
+                resolved: Vec::new(),
+            };
+        }
         self.record(&row).await;
         // Only the files this send may have uploaded are news to the worker.
         let mut resolved = Vec::new();

@@ -63,6 +63,22 @@ pub trait HealthSource: Send + Sync + 'static {
     fn schema_problem(&self) -> Option<String> {
         None
     }
+    /// This replica's id and leases (`None` before start-up has them).
+    fn replica(&self) -> Option<ReplicaHealth> {
+        None
+    }
+}
+
+/// The `replica` object of `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaHealth {
+    /// `state.replica_id`.
+    pub id: String,
+    /// The leases held now, sorted: `delivery`, `mailbox:<address>`, `updates`.
+    pub leases: Vec<String>,
+    /// Whether the last lease round reached the state database; the answer is 503 when not.
+    #[serde(skip)]
+    pub state_reachable: bool,
 }
 
 /// The `/readyz` body.
@@ -77,8 +93,12 @@ pub struct Readiness {
     pub directory_age_seconds: Option<u64>,
     /// Why SeaTable writes are refused (the base lacks a column): then the answer is 503.
     pub schema_problem: Option<String>,
-    /// Each mailbox.
+    /// Each mailbox this replica watches.
     pub mailboxes: Vec<MailboxHealth>,
+    /// This replica: its id and the leases it holds. A replica holding none is still ready.
+    pub replica: Option<ReplicaHealth>,
+    /// Whether the state database answers (`false`: PostgreSQL is unreachable; 503).
+    pub state_reachable: bool,
 }
 
 /// Works out readiness at `now`: the directory is loaded, SeaTable writes are not refused for a
@@ -92,13 +112,20 @@ pub fn readiness(source: &dyn HealthSource, now: SystemTime) -> Readiness {
         })
     };
     let schema_problem = source.schema_problem();
-    let ready = directory_loaded && schema_problem.is_none() && mailboxes.iter().all(fresh);
+    let replica = source.replica();
+    let state_reachable = replica.as_ref().is_none_or(|r| r.state_reachable);
+    let ready = directory_loaded
+        && state_reachable
+        && schema_problem.is_none()
+        && mailboxes.iter().all(fresh);
     Readiness {
         ready,
         directory_loaded,
         directory_age_seconds: source.directory_age().map(|age| age.as_secs()),
         schema_problem,
         mailboxes,
+        replica,
+        state_reachable,
     }
 }
 
@@ -130,6 +157,9 @@ async fn readyz(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
 async fn metrics_text(AxumState(app): AxumState<AppState>) -> impl IntoResponse {
     if let Some(age) = app.health.directory_age() {
         app.metrics.directory_age_seconds.set(age.as_secs_f64());
+    }
+    if let Some(replica) = app.health.replica() {
+        app.metrics.set_leases_held(&replica.leases);
     }
     (
         [(

@@ -37,6 +37,7 @@ pub mod imap;
 pub mod metrics;
 pub mod relay;
 pub mod replay;
+pub mod replica;
 pub mod report;
 pub mod schema;
 pub mod seatable;

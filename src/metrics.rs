@@ -38,6 +38,9 @@ pub struct Metrics {
     pub telegram_requests: Family<Labels, Counter>,
     /// `report_relay_directory_age_seconds`: set from the directory at each scrape.
     pub directory_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `report_relay_leases_held{kind}`: leases this replica holds, by kind (`mailbox`,
+    /// `delivery`, `updates`); set at each scrape.
+    pub leases_held: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -53,6 +56,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets `report_relay_leases_held{kind}` from the names of the leases held now.
+    pub fn set_leases_held(&self, leases: &[String]) {
+        for kind in ["mailbox", "delivery", "updates"] {
+            let count = leases
+                .iter()
+                .filter(|name| name.split(':').next() == Some(kind))
+                .count();
+            self.leases_held
+                .get_or_create(&vec![("kind", kind.to_owned())])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Registers every family.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("report_relay");
@@ -105,6 +121,12 @@ impl Metrics {
             "Seconds since the directory snapshot in use was read from SeaTable",
             directory_age_seconds.clone(),
         );
+        let leases_held = Family::<Labels, Gauge>::default();
+        registry.register(
+            "leases_held",
+            "Leases this replica holds, by kind",
+            leases_held.clone(),
+        );
         let telegram_requests = Family::<Labels, Counter>::default();
         registry.register(
             "telegram_requests",
@@ -122,6 +144,7 @@ impl Metrics {
             seatable_requests,
             telegram_requests,
             directory_age_seconds,
+            leases_held,
         }
     }
 

@@ -12,10 +12,12 @@ use tracing::{error, info, warn};
 
 use crate::directory::{ChatStatuses, Directory, LastUidWriter};
 use crate::metrics::Metrics;
+use crate::replica::{Replica, mailbox_lease};
 use crate::report::Report;
 use crate::report::render::{self, PlanOptions};
 use crate::state::{
-    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxSend, State, StoredFile,
+    AckResult, Acknowledgement, Checkpoint, LeaseLost, MessageOutcome, OutboxSend, State,
+    StoredFile,
 };
 
 /// The shared handles of one process that the relay, the bot and `replay` all work through.
@@ -37,6 +39,8 @@ pub struct Relay {
     settings: RelaySettings,
     delivery_wake: Arc<Notify>,
     last_uid: Option<Arc<LastUidWriter>>,
+    /// Whose mailbox leases fence the checkpoint writes.
+    replica: Arc<Replica>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -118,12 +122,32 @@ impl Relay {
             settings,
             delivery_wake,
             last_uid,
+            replica: Replica::solo(),
         }
     }
 
     /// The state this relay writes to.
     pub fn state(&self) -> &State {
         &self.handles.state
+    }
+
+    /// This relay with its checkpoint writes fenced by `replica`'s mailbox leases (PostgreSQL
+    /// replicas); the default is [`Replica::solo`], which needs none.
+    pub fn leased(mut self, replica: Arc<Replica>) -> Self {
+        self.replica = replica;
+        self
+    }
+
+    /// The state with the writes for `mailbox` fenced by its lease.
+    ///
+    /// # Errors
+    /// [`LeaseLost`] when this replica does not hold the mailbox's lease (any more).
+    fn state_for(&self, mailbox: &str) -> anyhow::Result<State> {
+        let name = mailbox_lease(mailbox);
+        match self.replica.fence(&name) {
+            Some(fence) => Ok(self.handles.state.fenced(fence)),
+            None => Err(LeaseLost { name, epoch: 0 }.into()),
+        }
     }
 
     /// Stores the mailbox's checkpoint without a message (first start, new UIDVALIDITY).
@@ -135,7 +159,9 @@ impl Relay {
         mailbox: &str,
         checkpoint: Checkpoint,
     ) -> anyhow::Result<()> {
-        self.handles.state.set_checkpoint(mailbox, checkpoint).await
+        self.state_for(mailbox)?
+            .set_checkpoint(mailbox, checkpoint)
+            .await
     }
 
     /// Relays one message and acknowledges it. A message that cannot be parsed is stored as
@@ -254,7 +280,11 @@ impl Relay {
             chats.len()
         };
         let outcome = ack.outcome;
-        let result = self.handles.state.acknowledge(ack).await?;
+        let state = match ack.checkpoint {
+            Some(_) => self.state_for(&mailbox)?,
+            None => self.handles.state.clone(),
+        };
+        let result = state.acknowledge(ack).await?;
         self.handles
             .metrics
             .reports_acknowledged
@@ -302,7 +332,7 @@ impl crate::imap::MessageSink for Relay {
     }
 
     async fn reset_checkpoint(&self, mailbox: &str, checkpoint: Checkpoint) -> anyhow::Result<()> {
-        self.handles.state.set_checkpoint(mailbox, checkpoint).await
+        Relay::reset_checkpoint(self, mailbox, checkpoint).await
     }
 
     async fn acknowledge(

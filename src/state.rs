@@ -26,13 +26,27 @@ pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendCounts, SendResult,
 };
-pub use self::postgres::Postgres;
+pub use self::postgres::{LeaseLost, OUTBOX_CHANNEL, Postgres};
 pub use self::sqlite::Sqlite;
 
 /// A handle on the state database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct State {
     backend: Backend,
+    /// The lease the writes that need one are fenced with (see [`State::fenced`]).
+    fence: Option<Fence>,
+}
+
+/// A lease as a fenced write names it: the write commits only while `owner` still holds `name`
+/// with this `epoch` (PostgreSQL; SQLite's file lock already keeps a second process out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The lease's name: `mailbox:<address>`, `delivery` or `updates`.
+    pub name: String,
+    /// The replica holding it (`state.replica_id`).
+    pub owner: String,
+    /// The epoch it was taken with.
+    pub epoch: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +114,7 @@ impl State {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             backend: Backend::Sqlite(Sqlite::open(path)?),
+            fence: None,
         })
     }
 
@@ -112,6 +127,7 @@ impl State {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         Ok(Self {
             backend: Backend::Postgres(Postgres::connect(url).await?),
+            fence: None,
         })
     }
 
@@ -124,6 +140,17 @@ impl State {
         match &config.url {
             Some(url) => Self::connect(url.expose_secret()).await,
             None => Self::open(&config.sqlite_path()),
+        }
+    }
+
+    /// This state with its lease-dependent writes (advancing a checkpoint in
+    /// [`State::acknowledge`] or [`State::set_checkpoint`], claiming rows in
+    /// [`State::due_sends`]) fenced by `fence`: on PostgreSQL they fail with [`LeaseLost`], and
+    /// write nothing, once another replica took the lease over or it expired.
+    pub fn fenced(&self, fence: Fence) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            fence: Some(fence),
         }
     }
 
@@ -161,7 +188,13 @@ impl State {
         mailbox: &str,
         checkpoint: Checkpoint,
     ) -> anyhow::Result<()> {
-        on_backend!(self.set_checkpoint(mailbox, checkpoint))
+        match &self.backend {
+            Backend::Sqlite(db) => db.set_checkpoint(mailbox, checkpoint).await,
+            Backend::Postgres(db) => {
+                db.set_checkpoint(mailbox, checkpoint, self.fence.as_ref())
+                    .await
+            }
+        }
     }
 
     /// Persists the last good directory snapshot (JSON).
@@ -241,9 +274,12 @@ impl State {
     /// Stores a message, its files, its outbox rows and the checkpoint in one transaction.
     ///
     /// # Errors
-    /// A database error; then nothing was written.
+    /// A database error, or [`LeaseLost`] for a fenced state; then nothing was written.
     pub async fn acknowledge(&self, ack: Acknowledgement) -> anyhow::Result<AckResult> {
-        on_backend!(self.acknowledge(ack))
+        match &self.backend {
+            Backend::Sqlite(db) => db.acknowledge(ack).await,
+            Backend::Postgres(db) => db.acknowledge(ack, self.fence.as_ref()).await,
+        }
     }
 
     /// The first pending send of each chat that is due at `now`, oldest first, skipping the
@@ -267,7 +303,13 @@ impl State {
     where
         F: FnMut(&OutboxRow) -> bool + std::marker::Send + 'static,
     {
-        on_backend!(self.due_sends(now, busy, in_flight, limit, admit))
+        match &self.backend {
+            Backend::Sqlite(db) => db.due_sends(now, busy, in_flight, limit, admit).await,
+            Backend::Postgres(db) => {
+                db.due_sends(now, busy, in_flight, limit, admit, self.fence.as_ref())
+                    .await
+            }
+        }
     }
 
     /// When the next pending send that is not due yet becomes due, if any.

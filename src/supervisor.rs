@@ -16,11 +16,12 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::directory::{Directory, Mailbox};
-use crate::http::{HealthSource, MailboxHealth};
+use crate::http::{HealthSource, MailboxHealth, ReplicaHealth};
 use crate::imap::{
     ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink, WatcherState, WatcherStatus,
 };
 use crate::metrics::Metrics;
+use crate::replica::{Replica, mailbox_lease};
 
 /// Poll interval for servers without IDLE, in seconds.
 pub const POLL_SECS: u64 = 60;
@@ -88,6 +89,7 @@ pub struct Watchers {
     directory: Arc<Directory>,
     stale_after: Duration,
     statuses: Mutex<BTreeMap<String, (watch::Receiver<WatcherStatus>, SystemTime)>>,
+    replica: Mutex<Option<Arc<Replica>>>,
 }
 
 impl std::fmt::Debug for Watchers {
@@ -105,7 +107,19 @@ impl Watchers {
             stale_after: crate::http::CATCH_UP_STALE_AFTER
                 .max(Duration::from_secs(idle_renew_secs + 60)),
             statuses: Mutex::new(BTreeMap::new()),
+            replica: Mutex::new(None),
         })
+    }
+
+    /// The replica whose id and leases `/readyz` shows.
+    pub fn set_replica(&self, replica: Arc<Replica>) {
+        if let Ok(mut slot) = self.replica.lock() {
+            *slot = Some(replica);
+        }
+    }
+
+    fn replica(&self) -> Option<Arc<Replica>> {
+        self.replica.lock().ok().and_then(|slot| slot.clone())
     }
 
     fn insert(&self, address: &str, status: watch::Receiver<WatcherStatus>) {
@@ -146,6 +160,14 @@ impl HealthSource for Watchers {
         self.directory.backend().schema_problem()
     }
 
+    fn replica(&self) -> Option<ReplicaHealth> {
+        Watchers::replica(self).map(|replica| ReplicaHealth {
+            id: replica.id().to_owned(),
+            leases: replica.held_names(),
+            state_reachable: replica.state_reachable(),
+        })
+    }
+
     fn mailboxes(&self) -> Vec<MailboxHealth> {
         let Ok(map) = self.statuses.lock() else {
             return Vec::new();
@@ -178,6 +200,7 @@ pub struct Supervisor<S: MessageSink> {
     metrics: Arc<Metrics>,
     watchers: Arc<Watchers>,
     reload: Duration,
+    replica: Arc<Replica>,
 }
 
 impl<S: MessageSink> Supervisor<S> {
@@ -198,6 +221,7 @@ impl<S: MessageSink> Supervisor<S> {
             metrics,
             watchers,
             reload,
+            replica: Replica::solo(),
         }
     }
 
@@ -208,9 +232,17 @@ impl<S: MessageSink> Supervisor<S> {
         self
     }
 
+    /// This supervisor watching only the mailboxes whose `mailbox:<address>` lease `replica`
+    /// holds, reconciling whenever its leases change; the default, [`Replica::solo`], holds all.
+    pub fn leased(mut self, replica: Arc<Replica>) -> Self {
+        self.replica = replica;
+        self
+    }
+
     /// Runs until `cancel` fires, then stops every watcher and waits up to `grace` for them to
     /// close their connections before aborting the rest.
     pub async fn run(mut self, cancel: CancellationToken, grace: Duration) {
+        let mut leases = self.replica.subscribe();
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut by_task: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -242,6 +274,11 @@ impl<S: MessageSink> Supervisor<S> {
                             () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                         self.start(&mut tasks, &mut running, &mut by_task, entry.settings);
+                    }
+                }
+                Ok(()) = leases.changed() => {
+                    if let Some(snapshot) = self.directory.last_good() {
+                        self.reconcile_with(&snapshot, &mut tasks, &mut running, &mut by_task);
                     }
                 }
                 Ok(()) = self.config.changed() => {
@@ -305,6 +342,9 @@ impl<S: MessageSink> Supervisor<S> {
         let config = self.config.borrow().clone();
         let mut wanted: HashMap<String, MailboxSettings> = HashMap::new();
         for row in snapshot.enabled_mailboxes() {
+            if !self.replica.holds(&mailbox_lease(&row.email)) {
+                continue;
+            }
             match mailbox_settings(row, &config) {
                 Ok(settings) => {
                     wanted.insert(row.email.to_ascii_lowercase(), settings);

@@ -20,9 +20,13 @@ use super::SNAPSHOT_KEY;
 use crate::imap::Checkpoint;
 use crate::report::render::ItemKind;
 use crate::state::files::kind_name;
-use crate::state::millis;
+use crate::state::{Fence, millis};
 
+mod lease;
 mod outbox;
+
+pub use self::lease::LeaseLost;
+pub use self::outbox::OUTBOX_CHANNEL;
 
 /// The deadline of one call to PostgreSQL, connection included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,13 +60,26 @@ fn database_error(error: sqlx::Error) -> anyhow::Error {
     }
 }
 
+/// Starts a transaction that holds `fence`'s lease row until it commits (see
+/// [`lease::hold_fence`]); without a fence, a plain transaction.
+async fn begin_fenced(
+    pool: &PgPool,
+    fence: Option<&Fence>,
+) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    if let Some(fence) = fence {
+        lease::hold_fence(&mut tx, fence).await?;
+    }
+    Ok(tx)
+}
+
 /// Runs one database call with [`CALL_TIMEOUT`].
-async fn timed<T>(
+async fn timed<T, E: Into<anyhow::Error>>(
     what: &'static str,
-    call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    call: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result.map_err(database_error).context(what),
+        Ok(result) => result.map_err(Into::into).context(what),
         Err(_) => anyhow::bail!(
             "{what}: PostgreSQL did not answer within {} s",
             CALL_TIMEOUT.as_secs()
@@ -132,11 +149,14 @@ impl Postgres {
         &self,
         mailbox: &str,
         checkpoint: Checkpoint,
+        fence: Option<&Fence>,
     ) -> anyhow::Result<()> {
-        timed(
-            "Failed to write a checkpoint",
-            write_checkpoint(&self.pool, mailbox, checkpoint),
-        )
+        timed("Failed to write a checkpoint", async {
+            let mut tx = begin_fenced(&self.pool, fence).await?;
+            write_checkpoint(&mut *tx, mailbox, checkpoint).await?;
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>(())
+        })
         .await
     }
 

@@ -6,10 +6,10 @@ use std::time::SystemTime;
 
 use sqlx::Row;
 
-use super::{Postgres, timed, write_checkpoint};
+use super::{Postgres, begin_fenced, timed, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, OutboxRow, SendCounts, SendResult, from_millis, millis,
+    AckResult, Acknowledgement, Fence, OutboxRow, SendCounts, SendResult, from_millis, millis,
 };
 
 /// The `LISTEN/NOTIFY` channel on which an acknowledgement with sends announces them.
@@ -19,9 +19,12 @@ impl Postgres {
     pub(in crate::state) async fn acknowledge(
         &self,
         ack: Acknowledgement,
+        fence: Option<&Fence>,
     ) -> anyhow::Result<AckResult> {
         timed("Failed to acknowledge a message", async {
-            let mut tx = self.pool.begin().await?;
+            // Fenced only when it moves the checkpoint: a replay's rows need no lease.
+            let fence = fence.filter(|_| ack.checkpoint.is_some());
+            let mut tx = begin_fenced(&self.pool, fence).await?;
             let now = millis(SystemTime::now());
             let duplicate = match ack.uid {
                 Some(Checkpoint {
@@ -95,8 +98,7 @@ impl Postgres {
                     .await?;
                 }
                 for (chat_id, send) in &ack.sends {
-                    let send = serde_json::to_string(send)
-                        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+                    let send = serde_json::to_string(send)?;
                     sqlx::query(
                         "INSERT INTO outbox (message_id, chat_id, send, created_at)
                          VALUES ($1, $2, $3, $4)",
@@ -120,7 +122,7 @@ impl Postgres {
                 write_checkpoint(&mut *tx, &ack.mailbox, checkpoint).await?;
             }
             tx.commit().await?;
-            Ok(result)
+            Ok::<_, anyhow::Error>(result)
         })
         .await
     }
@@ -132,13 +134,15 @@ impl Postgres {
         in_flight: Vec<i64>,
         limit: usize,
         mut admit: F,
+        fence: Option<&Fence>,
     ) -> anyhow::Result<Vec<OutboxRow>>
     where
         F: FnMut(&OutboxRow) -> bool + std::marker::Send + 'static,
     {
-        let rows = timed(
-            "Failed to read the due sends",
-            sqlx::query(
+        // Claimed only while the `delivery` lease is held with the same epoch.
+        let rows = timed("Failed to read the due sends", async {
+            let mut tx = begin_fenced(&self.pool, fence).await?;
+            let rows = sqlx::query(
                 "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
                         o.created_at, m.received_at, o.first_failed_at
                  FROM outbox o JOIN messages m ON m.id = o.message_id
@@ -147,8 +151,11 @@ impl Postgres {
                                WHERE i.status = 'pending' AND i.chat_id = o.chat_id)
                  ORDER BY o.id",
             )
-            .fetch_all(&self.pool),
-        )
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, anyhow::Error>(rows)
+        })
         .await?;
         let now = millis(now);
         let mut unreadable = Vec::new();
@@ -334,7 +341,7 @@ impl Postgres {
             .await?
             .rows_affected();
             tx.commit().await?;
-            Ok(rows(deleted))
+            Ok::<_, anyhow::Error>(rows(deleted))
         })
         .await
     }
