@@ -29,7 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::directory::Directory;
-use crate::state::{Fence, Postgres};
+use crate::state::{Fence, LEASES_CHANNEL, Postgres};
+
+/// How long the work of a lost lease may take to stop before it is aborted.
+const WORK_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The lease of the one delivery worker (the Telegram budget is per bot token).
 pub const DELIVERY: &str = "delivery";
@@ -166,6 +169,13 @@ impl Replica {
             return;
         };
         let period = self.lease / 3;
+        // A replica that gives leases up announces it, so the others take them at once.
+        let released = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(listen_for_releases(
+            postgres.pool().clone(),
+            released.clone(),
+            cancel.clone(),
+        ));
         loop {
             let started = Instant::now();
             match self.round(&postgres, &directory, started).await {
@@ -188,6 +198,7 @@ impl Replica {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep_until(started + period) => {}
+                () = released.notified() => {}
             }
         }
     }
@@ -292,6 +303,12 @@ impl Replica {
         if let Err(error) = postgres.remove_heartbeat(&self.id).await {
             warn!(error = format!("{error:#}"), "Cannot remove the heartbeat.");
         }
+        if let Err(error) = postgres.announce_release().await {
+            warn!(
+                error = format!("{error:#}"),
+                "Cannot announce the released leases."
+            );
+        }
         info!("Released the leases.");
     }
 }
@@ -362,9 +379,47 @@ pub async fn run_while_held<W, F>(
             }
         }
         held.cancel();
-        let _ = task.await;
+        let abort = task.abort_handle();
+        if tokio::time::timeout(WORK_STOP_GRACE, task).await.is_err() {
+            warn!(
+                lease = name,
+                "The work of a lost lease did not stop in time; aborting it."
+            );
+            abort.abort();
+        }
         if cancel.is_cancelled() {
             return;
+        }
+    }
+}
+
+/// Wakes the lease loop whenever another replica released leases (`LISTEN` on
+/// [`LEASES_CHANNEL`]), until `cancel` fires; reconnects after a lost connection.
+async fn listen_for_releases(
+    pool: sqlx::PgPool,
+    released: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(LEASES_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                released.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            result = listening => if let Err(error) = result {
+                tracing::debug!(%error, "Lost the lease notifications; reconnecting.");
+            },
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

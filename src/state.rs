@@ -26,7 +26,7 @@ pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendCounts, SendResult,
 };
-pub use self::postgres::{LeaseLost, OUTBOX_CHANNEL, Postgres};
+pub use self::postgres::{LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres};
 pub use self::sqlite::Sqlite;
 
 /// A handle on the state database; cheap to clone.

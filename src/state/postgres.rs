@@ -25,7 +25,7 @@ use crate::state::{Fence, millis};
 mod lease;
 mod outbox;
 
-pub use self::lease::LeaseLost;
+pub use self::lease::{LEASES_CHANNEL, LeaseLost};
 pub use self::outbox::OUTBOX_CHANNEL;
 
 /// The deadline of one call to PostgreSQL, connection included.

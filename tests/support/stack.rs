@@ -266,7 +266,10 @@ http:
         Command::new(env!("CARGO_BIN_EXE_report-relay"))
             .args(["run", "--config"])
             .arg(path)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -48,7 +48,25 @@ pub(super) async fn hold_fence(conn: &mut sqlx::PgConnection, fence: &Fence) -> 
     }
 }
 
+/// The `LISTEN/NOTIFY` channel on which a replica announces that it released leases.
+pub const LEASES_CHANNEL: &str = "report_relay_leases";
+
 impl Postgres {
+    /// Tells the other replicas that leases were released, so they take them now.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn announce_release(&self) -> anyhow::Result<()> {
+        timed(
+            "Failed to announce released leases",
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(LEASES_CHANNEL)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Takes or renews the lease `name` for `owner` for `duration`, if it is free, expired or
     /// already `owner`'s. Returns its epoch, or `None` when another replica holds it.
     ///

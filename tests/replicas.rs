@@ -1,0 +1,459 @@
+//! Replicas sharing one real PostgreSQL state: they split the mailboxes by lease, one of them
+//! delivers, and a survivor takes over from a killed (`kill -9`) or stopped (SIGTERM) one.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::postgres::Postgres;
+use support::stack::{PASSWORD, Stack, Tuning};
+
+/// `state.lease_secs` in the kill -9 test (renewed every second).
+const LEASE_SECS: u64 = 3;
+/// `state.lease_secs` in the SIGTERM test: long, so a takeover well within it shows the release.
+const LONG_LEASE_SECS: u64 = 30;
+
+/// One replica: its process, its HTTP port.
+struct Replica {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The stack's config with `state.url` instead of `state.path`, this replica's id and port.
+fn replica_config(
+    stack: &Stack,
+    postgres: &Postgres,
+    id: &str,
+    port: u16,
+    lease_secs: u64,
+) -> PathBuf {
+    let text = std::fs::read_to_string(stack.write_config(&Tuning::default())).unwrap();
+    let state_path = stack.dir.path().join("state.db");
+    let text = text
+        .replace(
+            &format!("  path: \"{}\"", state_path.display()),
+            &format!(
+                "  url: \"{}\"\n  lease_secs: {lease_secs}\n  replica_id: \"{id}\"",
+                postgres.url()
+            ),
+        )
+        .replace(
+            &format!("127.0.0.1:{}", stack.http_port),
+            &format!("127.0.0.1:{port}"),
+        );
+    assert!(text.contains("url: \"postgres://"), "{text}");
+    let path = stack.dir.path().join(format!("config-{id}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(stack: &Stack, postgres: &Postgres, id: &str, lease_secs: u64) -> Replica {
+    let port = support::dovecot::free_port().unwrap();
+    let child = stack.spawn_with_config(&replica_config(stack, postgres, id, port, lease_secs));
+    Replica { child, port }
+}
+
+async fn readyz(port: u16) -> Option<(u16, Value)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+/// The leases each replica reports in `/readyz` (empty for one that does not answer).
+async fn leases(replicas: &[&Replica]) -> Vec<Vec<String>> {
+    let mut all = Vec::new();
+    for replica in replicas {
+        let held = match readyz(replica.port).await {
+            Some((_, body)) => body["replica"]["leases"]
+                .as_array()
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        all.push(held);
+    }
+    all
+}
+
+/// Waits up to `timeout` until `check` holds for the replicas' leases; returns them.
+async fn wait_leases(
+    replicas: &[&Replica],
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&[Vec<String>]) -> bool,
+) -> Vec<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let held = leases(replicas).await;
+        if check(&held) {
+            return held;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {held:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `replica` answers `/readyz` with 200: each of its mailboxes caught up (so its
+/// checkpoints are stored).
+async fn wait_ready(replica: &Replica) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, _)) = readyz(replica.port).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica did not become ready: {:?}",
+            readyz(replica.port).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn mailboxes(held: &[String]) -> usize {
+    held.iter().filter(|n| n.starts_with("mailbox:")).count()
+}
+
+fn holds(held: &[String], name: &str) -> bool {
+    held.iter().any(|n| n == name)
+}
+
+/// The stack with six mailboxes in Dovecot and SeaTable, one subscriber each (chat 1000 + i).
+async fn six_mailboxes() -> (Stack, Vec<String>) {
+    let stack = Stack::new().await;
+    let mut addresses = vec![support::stack::ADDRESS.to_owned()];
+    stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
+    for i in 1..6 {
+        let address = format!("reports{i}@example.com");
+        stack.dovecot.add_user(&address, PASSWORD).unwrap();
+        let row = stack.seatable.add_row(
+            "mailboxes",
+            json!({"Name": format!("box{i}"), "email": address, "imap_password": PASSWORD}),
+        );
+        stack.add_user(&format!("User {i}"), Some(1000 + i), &[row.as_str()]);
+        addresses.push(address);
+    }
+    (stack, addresses)
+}
+
+#[tokio::test]
+async fn two_replicas_split_six_mailboxes_and_a_survivor_takes_over_after_kill_9() {
+    let postgres = Postgres::start().await.unwrap();
+    let (stack, addresses) = six_mailboxes().await;
+    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
+    let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
+    let held = wait_leases(
+        &[&first, &second],
+        "the replicas did not split the six mailboxes 3 and 3",
+        Duration::from_secs(60),
+        |held| held.iter().all(|h| mailboxes(h) == 3),
+    )
+    .await;
+    assert_eq!(
+        held.iter().filter(|h| holds(h, "delivery")).count(),
+        1,
+        "exactly one replica delivers: {held:?}"
+    );
+    assert_eq!(
+        held.iter().filter(|h| holds(h, "updates")).count(),
+        1,
+        "exactly one replica polls getUpdates: {held:?}"
+    );
+    // Every mailbox is leased once, and watched with one connection.
+    let mut all: Vec<&String> = held
+        .iter()
+        .flatten()
+        .filter(|n| n.starts_with("mailbox:"))
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 6, "{held:?}");
+    // `doveadm who`: one line per user, its second column the number of connections.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let who = stack.dovecot.doveadm(&["who"]).await.unwrap_or_default();
+        let counts: Vec<Option<&str>> = addresses
+            .iter()
+            .map(|address| {
+                who.lines()
+                    .find(|line| line.split_whitespace().next() == Some(address.as_str()))
+                    .and_then(|line| line.split_whitespace().nth(1))
+            })
+            .collect();
+        if counts.iter().all(|count| *count == Some("1")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "each mailbox has one IMAP connection: {who}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A report to each mailbox reaches its subscriber, whichever replica watches it.
+    for address in &addresses {
+        stack
+            .dovecot
+            .append(address, "INBOX", &support::dovecot::message("Daily"))
+            .await
+            .unwrap();
+    }
+    let chats: Vec<i64> = (1000..1006).collect();
+    stack
+        .wait_for_sends(&chats, 1, Duration::from_secs(60))
+        .await;
+
+    // kill -9 of the delivery holder: the survivor takes every lease within a few lease
+    // periods, and a report appended meanwhile is delivered.
+    let (mut holder, survivor) = if holds(&held[0], "delivery") {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    stack
+        .dovecot
+        .append(&addresses[0], "INBOX", &support::dovecot::message("After"))
+        .await
+        .unwrap();
+    wait_leases(
+        &[&survivor],
+        "the survivor did not take every lease",
+        Duration::from_secs(LEASE_SECS * 4 + 30),
+        |held| {
+            mailboxes(&held[0]) == 6 && holds(&held[0], "delivery") && holds(&held[0], "updates")
+        },
+    )
+    .await;
+    stack
+        .wait_for_sends(&[1000], 2, Duration::from_secs(LEASE_SECS + 30))
+        .await;
+    drop(holder);
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_leases_over_at_once() {
+    let postgres = Postgres::start().await.unwrap();
+    let stack = Stack::new().await;
+    stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
+    let first = spawn(&stack, &postgres, "r1", LONG_LEASE_SECS);
+    wait_leases(
+        &[&first],
+        "the first replica did not take the leases",
+        Duration::from_secs(60),
+        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
+    )
+    .await;
+    wait_ready(&first).await;
+    let second = spawn(&stack, &postgres, "r2", LONG_LEASE_SECS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while readyz(second.port).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second replica did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        leases(&[&second]).await,
+        [Vec::<String>::new()],
+        "it waits: the first holds all"
+    );
+    let stopped = tokio::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &first.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_leases(
+        &[&second],
+        "the second replica did not take over",
+        Duration::from_secs(LONG_LEASE_SECS),
+        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
+    )
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("SIGTERM to takeover: {took:?} (lease_secs {LONG_LEASE_SECS})");
+    // Without the release the leases would wait out lease_secs after the last renewal, and
+    // without its announcement the next round, lease_secs / 3 away.
+    assert!(
+        took < Duration::from_secs(LONG_LEASE_SECS / 6),
+        "the takeover took {took:?}, not less than lease_secs"
+    );
+    stack
+        .dovecot
+        .append(
+            support::stack::ADDRESS,
+            "INBOX",
+            &support::dovecot::message("After"),
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_for_sends(&[1000], 1, Duration::from_secs(30))
+        .await;
+    drop(first);
+}
+
+/// Sends accepted for `chat` so far.
+fn sends_to(stack: &Stack, chat: i64) -> usize {
+    stack.ok_sends_to(chat).len()
+}
+
+#[tokio::test]
+async fn a_replica_paused_past_its_lease_neither_sends_nor_advances_anything() {
+    let postgres = Postgres::start().await.unwrap();
+    let stack = Stack::new().await;
+    stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
+    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
+    wait_leases(
+        &[&first],
+        "the first replica did not take the leases",
+        Duration::from_secs(60),
+        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
+    )
+    .await;
+    wait_ready(&first).await;
+    let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
+    // SIGSTOP the holder past its lease; the other takes everything over and relays a report
+    // appended meanwhile.
+    let pid = first.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    stack
+        .dovecot
+        .append(
+            support::stack::ADDRESS,
+            "INBOX",
+            &support::dovecot::message("Paused"),
+        )
+        .await
+        .unwrap();
+    wait_leases(
+        &[&second],
+        "the second replica did not take over from the paused one",
+        Duration::from_secs(LEASE_SECS * 4 + 30),
+        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
+    )
+    .await;
+    stack
+        .wait_for_sends(&[1000], 1, Duration::from_secs(LEASE_SECS + 30))
+        .await;
+    let checkpoint = postgres
+        .psql("SELECT uid_validity, last_uid FROM checkpoints ORDER BY mailbox")
+        .await
+        .unwrap();
+    // SIGCONT: the resumed replica finds its leases expired; it sends nothing and moves no
+    // checkpoint, and gives way (it takes no lease while the other one renews).
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS * 2);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(sends_to(&stack, 1000), 1, "the resumed replica sent again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        postgres
+            .psql("SELECT uid_validity, last_uid FROM checkpoints ORDER BY mailbox")
+            .await
+            .unwrap(),
+        checkpoint
+    );
+    let held = leases(&[&first, &second]).await;
+    assert!(
+        mailboxes(&held[0]) == 0 && !holds(&held[0], "delivery"),
+        "{held:?}"
+    );
+    assert!(holds(&held[1], "delivery"), "{held:?}");
+}
+
+#[tokio::test]
+async fn a_postgresql_restart_is_survived_with_nothing_lost() {
+    let postgres = Postgres::start().await.unwrap();
+    let stack = Stack::new().await;
+    stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
+    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
+    let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
+    wait_leases(
+        &[&first, &second],
+        "the replicas did not take the leases",
+        Duration::from_secs(60),
+        |held| {
+            held.iter().map(|h| mailboxes(h)).sum::<usize>() == 1
+                && held.iter().any(|h| holds(h, "delivery"))
+        },
+    )
+    .await;
+    stack
+        .dovecot
+        .append(
+            support::stack::ADDRESS,
+            "INBOX",
+            &support::dovecot::message("Before"),
+        )
+        .await
+        .unwrap();
+    stack
+        .wait_for_sends(&[1000], 1, Duration::from_secs(30))
+        .await;
+    // Down for longer than a lease: every lease lapses; a report arrives meanwhile.
+    postgres.stop().await.unwrap();
+    stack
+        .dovecot
+        .append(
+            support::stack::ADDRESS,
+            "INBOX",
+            &support::dovecot::message("During"),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
+    postgres.start_again().await.unwrap();
+    stack
+        .wait_for_sends(&[1000], 2, Duration::from_secs(LEASE_SECS * 4 + 60))
+        .await;
+    let held = wait_leases(
+        &[&first, &second],
+        "the replicas did not take the leases again",
+        Duration::from_secs(60),
+        |held| {
+            held.iter().map(|h| mailboxes(h)).sum::<usize>() == 1
+                && held.iter().filter(|h| holds(h, "delivery")).count() == 1
+        },
+    )
+    .await;
+    drop(held);
+    for replica in [&first, &second] {
+        let (status, _) = readyz(replica.port).await.expect("both replicas still run");
+        assert_eq!(status, 200);
+    }
+    assert_eq!(sends_to(&stack, 1000), 2, "nothing lost, nothing twice");
+}
