@@ -493,9 +493,17 @@ pub async fn replay_to_mailbox(
         }
         message_ids.extend(relayed.message_id);
     }
-    // Deliver these files' sends (the worker takes the whole outbox in order), then stop.
+    // Deliver these files' sends (the worker takes the whole outbox in order), then stop. On a
+    // shared PostgreSQL state the replica holding the `delivery` lease sends them (the
+    // acknowledgement's NOTIFY woke it): a second worker would double the Telegram budget.
     let cancel = CancellationToken::new();
-    let worker = tokio::spawn(worker.run(cancel.clone()));
+    let worker = match state.postgres() {
+        None => Some(tokio::spawn(worker.run(cancel.clone()))),
+        Some(_) => {
+            info!("Queued in the shared state; the replica holding the delivery lease sends them.");
+            None
+        }
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     let counts = loop {
         let counts = state.send_counts(message_ids.clone()).await?;
@@ -514,7 +522,9 @@ pub async fn replay_to_mailbox(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     cancel.cancel();
-    let _ = worker.await;
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     if counts.failed > 0 {
         warn!(
             failed = counts.failed,

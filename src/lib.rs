@@ -10,12 +10,14 @@
 //! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever;
 //!   one file per step under `imap/` (connect, auth, command, select, idle, wire, check).
 //! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
-//!   [`report::render`]'s plan, the recipients from [`directory`], and one SQLite transaction
-//!   in [`state`] (message, outbox rows, checkpoint).
+//!   [`report::render`]'s plan, the recipients from [`directory`], and one transaction in
+//!   [`state`] (message, outbox rows, checkpoint), on SQLite or PostgreSQL.
 //! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits over every
 //!   sliding window (its pacer in `delivery/limits.rs`, error classes in
 //!   `delivery/classify.rs`), uploading each file once.
 //! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
+//! - [`replica`]: on a shared PostgreSQL state, the leases that decide which replica watches
+//!   which mailbox, delivers, and polls getUpdates.
 //!
 //! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client: token, rows, errors,
 //! metadata) and [`schema`] (`seatable-schema/`), [`directory`] (cached snapshot, its model,
