@@ -457,3 +457,46 @@ async fn a_postgresql_restart_is_survived_with_nothing_lost() {
     }
     assert_eq!(sends_to(&stack, 1000), 2, "nothing lost, nothing twice");
 }
+
+#[tokio::test]
+async fn a_third_replica_joining_takes_its_share() {
+    let postgres = Postgres::start().await.unwrap();
+    let (stack, addresses) = six_mailboxes().await;
+    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
+    let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
+    wait_leases(
+        &[&first, &second],
+        "the two replicas did not split the mailboxes",
+        Duration::from_secs(60),
+        |held| held.iter().all(|h| mailboxes(h) == 3),
+    )
+    .await;
+    let third = spawn(&stack, &postgres, "r3", LEASE_SECS);
+    let held = wait_leases(
+        &[&first, &second, &third],
+        "the third replica did not get its share",
+        Duration::from_secs(LEASE_SECS * 6 + 30),
+        |held| held.iter().all(|h| mailboxes(h) == 2),
+    )
+    .await;
+    let mut all: Vec<&String> = held
+        .iter()
+        .flatten()
+        .filter(|n| n.starts_with("mailbox:"))
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 6, "every mailbox is leased once: {held:?}");
+    // And each is watched: a report to every mailbox arrives.
+    for address in &addresses {
+        stack
+            .dovecot
+            .append(address, "INBOX", &support::dovecot::message("Joined"))
+            .await
+            .unwrap();
+    }
+    let chats: Vec<i64> = (1000..1006).collect();
+    stack
+        .wait_for_sends(&chats, 1, Duration::from_secs(60))
+        .await;
+}
