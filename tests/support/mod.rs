@@ -17,6 +17,7 @@ pub mod dovecot;
 pub mod entities;
 pub mod imap_script;
 pub mod postgres;
+pub mod replicas;
 pub mod seatable;
 pub mod stack;
 pub mod telegram;
