@@ -101,6 +101,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// rest). The worker wakes this long before the next row's instant, so the time a pass takes
 /// (an outbox query) never delays a send and the schedule does not drift.
 const ADMIT_LEAD: Duration = Duration::from_millis(25);
+/// How far back a starting worker counts the sends done ([`DeliveryWorker::run`]): the longest
+/// of Telegram's windows (20 messages a minute in a group).
+const SEED_WINDOW: Duration = Duration::from_secs(60);
 /// How many times a send whose request timed out is tried in all. A timeout after the upload
 /// may mean Telegram delivered it and the answer was lost, so each retry may be a duplicate.
 pub const MAYBE_DELIVERED_ATTEMPTS: u32 = 3;
@@ -182,6 +185,7 @@ impl DeliveryWorker {
     /// Drains the outbox until `cancel` fires. In-flight sends are abandoned on cancellation
     /// (they stay pending and are sent again after a restart).
     pub async fn run(self, cancel: CancellationToken) {
+        self.seed_pacer().await;
         let mut in_flight: JoinSet<Finished> = JoinSet::new();
         // Each task in flight; a chat is in here at most once.
         let mut busy: HashMap<tokio::task::Id, InFlight> = HashMap::new();
@@ -319,6 +323,36 @@ impl DeliveryWorker {
     }
 }
 
+impl DeliveryWorker {
+    /// Counts the sends done in the last [`SEED_WINDOW`] in the pacer: Telegram's windows still
+    /// hold them, whichever process sent them. A read error leaves the pacer empty (and is
+    /// logged): the worst case is one 429, which the worker handles.
+    async fn seed_pacer(&self) {
+        let since = SystemTime::now() - SEED_WINDOW;
+        match self.inner.state.recent_sends(since).await {
+            Ok(sent) => {
+                let (now, wall) = (tokio::time::Instant::now(), SystemTime::now());
+                let count = sent.len();
+                self.inner.pacer.seed(sent.into_iter().map(|send| {
+                    let ago = wall.duration_since(send.finished_at).unwrap_or_default();
+                    let at = now.checked_sub(ago).unwrap_or(now);
+                    (send.chat_id, send.messages, at)
+                }));
+                if count > 0 {
+                    info!(
+                        sends = count,
+                        "The pacer counts the sends of the last minute."
+                    );
+                }
+            }
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "Cannot read the last minute's sends; the pacer starts empty."
+            ),
+        }
+    }
+}
+
 impl Inner {
     /// Sends one outbox row at `start` (the instant the pacer reserved for it), records the
     /// outcome, and tells the worker which of `uploads` (its files without a known `file_id`)
@@ -329,7 +363,9 @@ impl Inner {
         start: tokio::time::Instant,
         uploads: Vec<FileKey>,
     ) -> Finished {
-        tokio::time::sleep_until(start).await;
+        self.pacer
+            .start_at(row.chat_id, row.send.items.len(), start)
+            .await;
         if !(self.may_send)() {
             debug!(
                 outbox_row = row.id,

@@ -24,9 +24,12 @@ mod sqlite;
 
 pub use self::files::StoredFile;
 pub use self::outbox::{
-    AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, SendCounts, SendResult,
+    AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, RecentSend, SendCounts,
+    SendResult,
 };
-pub use self::postgres::{LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres};
+pub use self::postgres::{
+    CHAT_STATUS_CHANNEL, LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres,
+};
 pub use self::sqlite::Sqlite;
 
 /// A handle on the state database; cheap to clone.
@@ -363,6 +366,29 @@ impl State {
     /// A database error.
     pub async fn migrate_chat(&self, old: i64, new: i64) -> anyhow::Result<usize> {
         on_backend!(self.migrate_chat(old, new))
+    }
+
+    /// The sends marked done at or after `since`, oldest first: a delivery worker that starts
+    /// (after a restart, or on the replica that just took the `delivery` lease) counts them in
+    /// its pacer, because Telegram's windows still hold them.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recent_sends(&self, since: SystemTime) -> anyhow::Result<Vec<RecentSend>> {
+        on_backend!(self.recent_sends(since))
+    }
+
+    /// Whether `fence`'s lease is still held by its owner with its epoch and not expired, for a
+    /// write outside the state that depends on it (`last_uid` in SeaTable). Always true on
+    /// SQLite, where one process holds everything.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn lease_held(&self, fence: &Fence) -> anyhow::Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(true),
+            Backend::Postgres(db) => db.lease_held(fence).await,
+        }
     }
 
     /// Sends waiting in the outbox.

@@ -36,6 +36,12 @@ use crate::config::TelegramLimits;
 /// starts here and when Telegram counts it (2 %: 0.67 ms a cell at 30/s, 20 ms a second).
 pub const SAFETY: f64 = 1.02;
 
+/// How late a send task may wake after its reserved instant and still send: later than this
+/// (a loaded scheduler), it would bunch with the next send that woke on time, so it takes new
+/// cells instead ([`Pacer::start_at`]). Half a global cell at 30/s; the rest of the 20 ms a
+/// second that [`SAFETY`] leaves covers it.
+pub const LATE_WAKE: Duration = Duration::from_millis(10);
+
 /// How long a 429 pauses every chat (on top of `retry_after` for its own chat): Telegram does
 /// not say whether a 429 is for the chat or for the bot, and sending on at full rate into a
 /// global flood turns one 429 into a stream of them.
@@ -108,6 +114,53 @@ impl Pacer {
             start
         };
         tokio::time::sleep_until(start).await;
+    }
+
+    /// Waits for `start`, the instant [`Pacer::try_reserve`] gave a request of `messages`
+    /// messages to `chat_id`. A task that wakes more than [`LATE_WAKE`] after it takes new
+    /// global cells at the earliest free instant and waits for that, so the late send never
+    /// lands next to the one after it. Returns the instant it may send.
+    pub async fn start_at(&self, chat_id: i64, messages: usize, start: Instant) -> Instant {
+        tokio::time::sleep_until(start).await;
+        let now = Instant::now();
+        if now <= start + LATE_WAKE {
+            return start;
+        }
+        let again = self.reserve_again(chat_id, messages, now);
+        tokio::time::sleep_until(again).await;
+        again
+    }
+
+    /// Reserves the cells of a request already reserved for an instant now past (its task woke
+    /// late). Only the global schedule constrains it: the chat's and the group's cells after
+    /// the old instant are its own, since nothing else goes to a chat while a send to it is in
+    /// flight, and everything before is older still.
+    fn reserve_again(&self, chat_id: i64, messages: usize, now: Instant) -> Instant {
+        let mut schedule = self.lock();
+        let before = cells(messages) - 1;
+        let start = now.max(schedule.global + self.global_cell * before);
+        self.take(&mut schedule, chat_id, messages, start);
+        start
+    }
+
+    /// Counts `sent` (recipient `chat_id`, messages, instant sent) as already in Telegram's
+    /// windows: a worker that starts after another stopped (a restart, a takeover of the
+    /// `delivery` lease) seeds its schedule from the sends done in the last minute
+    /// ([`crate::state::State::recent_sends`]). Each chat, group and the global schedule gets
+    /// one cell more than the sends take: one more send may have reached Telegram and not been
+    /// marked done before the other worker died.
+    pub fn seed(&self, sent: impl IntoIterator<Item = (i64, usize, Instant)>) {
+        let mut schedule = self.lock();
+        for (chat_id, messages, at) in sent {
+            let messages = cells(messages) + 1;
+            schedule.global = schedule.global.max(at + self.global_cell * messages);
+            let chat = schedule.chats.entry(chat_id).or_insert(at);
+            *chat = (*chat).max(at + self.chat_cell * 2);
+            if chat_id < 0 {
+                let group = schedule.groups.entry(chat_id).or_insert(at);
+                *group = (*group).max(at + self.group_cell * messages);
+            }
+        }
     }
 
     /// Telegram answered 429 for `chat_id`: nothing goes to that chat for `retry_after`, and
@@ -292,6 +345,63 @@ mod tests {
         let next = pacer.try_reserve(2, 1, now, Duration::ZERO).unwrap_err();
         let gap = (next - now).as_secs_f64();
         assert!((0.33..0.35).contains(&gap), "{gap}");
+    }
+
+    #[test]
+    fn a_seeded_schedule_keeps_the_windows_across_a_takeover() {
+        // The old worker sent 19 messages to a group in the last minute, the last one 4 s ago,
+        // and 30 to users in the last second; one more to the group reached Telegram a cell
+        // later, but the worker died before marking it done.
+        let pacer = Pacer::new(&telegram());
+        let now = Instant::now();
+        let old: Vec<(i64, usize, Instant)> = (0..19)
+            .map(|i| {
+                (
+                    -7,
+                    1,
+                    now - Duration::from_secs(4) - Duration::from_millis(3060) * i,
+                )
+            })
+            .chain((0..30).map(|i| (i64::from(i) + 1, 1, now - Duration::from_millis(34) * i)))
+            .collect();
+        pacer.seed(old.iter().copied());
+        let in_flight = now - Duration::from_millis(940);
+        let log = run(&pacer, &[(-7, 1), (-7, 1), (1, 1), (99, 1)]);
+        let group: Vec<(Instant, u32)> = old
+            .iter()
+            .filter(|s| s.0 == -7)
+            .map(|s| (s.2, 1))
+            .chain([(in_flight, 1)])
+            .chain(log.iter().filter(|e| e.0 == -7).map(|e| (e.1, e.2)))
+            .collect();
+        assert!(most_in_any_window(&group, Duration::from_secs(60)) <= 20);
+        let all: Vec<(Instant, u32)> = old
+            .iter()
+            .map(|s| (s.2, 1))
+            .chain(log.iter().map(|e| (e.1, e.2)))
+            .collect();
+        assert!(most_in_any_window(&all, Duration::from_secs(1)) <= 30);
+        let user = log.iter().find(|e| e.0 == 1).unwrap().1;
+        assert!(user >= now + Duration::from_secs(1), "chat 1 sent just now");
+    }
+
+    #[test]
+    fn a_late_task_takes_new_cells_after_the_ones_reserved() {
+        let pacer = Pacer::new(&telegram());
+        let now = Instant::now();
+        let starts: Vec<Instant> = (1..=5)
+            .map(|chat| {
+                pacer
+                    .try_reserve(chat, 1, now, Duration::from_secs(1))
+                    .unwrap()
+            })
+            .collect();
+        // The first task wakes 50 ms late, after the second's instant: it goes after the fifth.
+        let again = pacer.reserve_again(1, 1, starts[0] + Duration::from_millis(50));
+        let cell = Duration::from_secs(1).mul_f64(SAFETY) / 30;
+        assert!(again >= starts[4] + cell, "{again:?} {starts:?}");
+        let next = pacer.try_reserve(6, 1, again, Duration::ZERO).unwrap_err();
+        assert!(next >= again + cell);
     }
 
     #[test]

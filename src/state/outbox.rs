@@ -124,6 +124,34 @@ pub struct OutboxRow {
     pub received_at: SystemTime,
 }
 
+/// A send Telegram accepted recently ([`State::recent_sends`]): what a new delivery worker's
+/// pacer counts as already in Telegram's windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecentSend {
+    /// The recipient `chat_id`.
+    pub chat_id: i64,
+    /// Messages it put in the chat: the items of an album, 1 for anything else.
+    pub messages: usize,
+    /// When it was marked done (the writing replica's clock).
+    pub finished_at: SystemTime,
+}
+
+impl RecentSend {
+    /// The row's recipient, its `send` column (JSON; an unreadable one counts as 1 message) and
+    /// its `finished_at` (Unix milliseconds).
+    pub(in crate::state) fn from_row(chat_id: i64, send: &str, finished_at: i64) -> Self {
+        let messages = serde_json::from_str::<OutboxSend>(send)
+            .map(|send| send.items.len())
+            .unwrap_or(1)
+            .max(1);
+        Self {
+            chat_id,
+            messages,
+            finished_at: crate::state::from_millis(finished_at),
+        }
+    }
+}
+
 /// How a finished send ended, for [`State::finish_send`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendResult {

@@ -9,7 +9,8 @@ use sqlx::Row;
 use super::{Postgres, begin_fenced, timed, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, Fence, OutboxRow, SendCounts, SendResult, from_millis, millis,
+    AckResult, Acknowledgement, Fence, OutboxRow, RecentSend, SendCounts, SendResult, from_millis,
+    millis,
 };
 
 /// The `LISTEN/NOTIFY` channel on which an acknowledgement with sends announces them.
@@ -300,6 +301,26 @@ impl Postgres {
         )
         .await?;
         Ok(rows(done.rows_affected()))
+    }
+
+    pub(in crate::state) async fn recent_sends(
+        &self,
+        since: SystemTime,
+    ) -> anyhow::Result<Vec<RecentSend>> {
+        let rows: Vec<(i64, String, i64)> = timed(
+            "Failed to read the recent sends",
+            sqlx::query_as(
+                "SELECT chat_id, send, finished_at FROM outbox
+                 WHERE status = 'done' AND finished_at >= $1 ORDER BY finished_at",
+            )
+            .bind(millis(since))
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|(chat_id, send, finished_at)| RecentSend::from_row(*chat_id, send, *finished_at))
+            .collect())
     }
 
     pub(in crate::state) async fn pending_count(&self) -> anyhow::Result<i64> {

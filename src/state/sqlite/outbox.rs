@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 use super::{Sqlite, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, OutboxRow, SendCounts, SendResult, from_millis, millis,
+    AckResult, Acknowledgement, OutboxRow, RecentSend, SendCounts, SendResult, from_millis, millis,
 };
 
 impl Sqlite {
@@ -294,6 +294,29 @@ impl Sqlite {
                 "UPDATE outbox SET chat_id = ?2 WHERE chat_id = ?1 AND status = 'pending'",
                 params![old, new],
             )?)
+        })
+        .await
+    }
+
+    /// The sends marked done at or after `since`, oldest first.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn recent_sends(&self, since: SystemTime) -> anyhow::Result<Vec<RecentSend>> {
+        self.with(move |conn| {
+            let mut statement = conn.prepare(
+                "SELECT chat_id, send, finished_at FROM outbox
+                 WHERE status = 'done' AND finished_at >= ?1 ORDER BY finished_at",
+            )?;
+            let rows = statement.query_map([millis(since)], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
+            })?;
+            let mut sends = Vec::new();
+            for row in rows {
+                let (chat_id, send, finished_at) = row?;
+                sends.push(RecentSend::from_row(chat_id, &send, finished_at));
+            }
+            Ok(sends)
         })
         .await
     }
