@@ -25,7 +25,7 @@ use crate::relay::{Handles, Incoming, Relay, RelaySettings};
 use crate::replica::{DELIVERY, Replica, UPDATES, default_replica_id, run_while_held};
 use crate::schema::Schema;
 use crate::seatable::SeaTableClient;
-use crate::state::{OUTBOX_CHANNEL, State};
+use crate::state::{CHAT_STATUS_CHANNEL, OUTBOX_CHANNEL, State};
 use crate::supervisor::{Supervisor, Watchers};
 
 /// How long `last_uid` write-backs are coalesced, per mailbox.
@@ -206,6 +206,17 @@ pub async fn run_reloading(
         None => Replica::solo(),
     };
     watchers.set_replica(replica.clone());
+    if let Some(postgres) = state.postgres() {
+        // The bot (on the replica holding `updates`) and the delivery worker change statuses;
+        // every replica's watchers plan with them.
+        let changed = Arc::new(tokio::sync::Notify::new());
+        tracker.spawn(postgres.clone().listen(
+            CHAT_STATUS_CHANNEL,
+            changed.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(statuses.clone().follow(changed, cancel.clone()));
+    }
     // The leases outlive the work they cover: released only once it stopped.
     let leasing = CancellationToken::new();
     let lease_task = tokio::spawn(replica.clone().run(directory.clone(), leasing.clone()));
@@ -221,11 +232,8 @@ pub async fn run_reloading(
         let (wake, replica) = (wake.clone(), replica.clone());
         move |fence, held| {
             let worker = delivery_worker(&config, &state.fenced(fence), &metrics, &migrations);
-            let (wake, replica, pool) = (
-                wake.clone(),
-                replica.clone(),
-                state.postgres().map(|db| db.pool().clone()),
-            );
+            let (wake, replica, postgres) =
+                (wake.clone(), replica.clone(), state.postgres().cloned());
             async move {
                 let worker = match worker {
                     Ok((worker, _)) => worker,
@@ -237,8 +245,9 @@ pub async fn run_reloading(
                         return;
                     }
                 };
-                if let Some(pool) = pool {
-                    tokio::spawn(listen_for_outbox(pool, wake.clone(), held.clone()));
+                if let Some(postgres) = postgres {
+                    // Watchers on every replica announce their acknowledgements.
+                    tokio::spawn(postgres.listen(OUTBOX_CHANNEL, wake.clone(), held.clone()));
                 }
                 let may_send = Arc::new(move || replica.holds(DELIVERY));
                 worker
@@ -250,7 +259,11 @@ pub async fn run_reloading(
         }
     }));
 
-    let last_uid = Arc::new(LastUidWriter::new(backend.clone(), LAST_UID_WRITE_INTERVAL));
+    let last_uid = Arc::new(LastUidWriter::new(
+        backend.clone(),
+        state.clone(),
+        LAST_UID_WRITE_INTERVAL,
+    ));
     tracker.spawn(last_uid.clone().run(cancel.clone()));
 
     let relay = Arc::new(
@@ -302,39 +315,6 @@ pub async fn run_reloading(
     let _ = http.await;
     info!("Stopped.");
     Ok(())
-}
-
-/// Wakes the delivery worker whenever a watcher on any replica acknowledged sends
-/// (PostgreSQL's `LISTEN` on [`OUTBOX_CHANNEL`]), until `cancel` fires; reconnects after a lost
-/// connection and wakes the worker once then, for what it may have missed.
-async fn listen_for_outbox(
-    pool: sqlx::PgPool,
-    wake: Arc<tokio::sync::Notify>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let listening = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(OUTBOX_CHANNEL).await?;
-            wake.notify_one();
-            loop {
-                listener.recv().await?;
-                wake.notify_one();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            result = listening => if let Err(error) = result {
-                warn!(%error, "Lost the outbox notifications from PostgreSQL; reconnecting.");
-            },
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }
 
 /// Re-reads the config file at every SIGHUP until `cancel` fires and publishes it when it loads.
@@ -499,8 +479,18 @@ pub async fn replay_to_mailbox(
     let cancel = CancellationToken::new();
     let worker = match state.postgres() {
         None => Some(tokio::spawn(worker.run(cancel.clone()))),
-        Some(_) => {
-            info!("Queued in the shared state; the replica holding the delivery lease sends them.");
+        Some(postgres) => {
+            let holders = postgres.lease_holders().await?;
+            match holders.iter().find(|(name, _)| name == DELIVERY) {
+                Some((_, owner)) => info!(
+                    replica = owner.as_str(),
+                    "Queued in the shared state; the replica holding the delivery lease sends them."
+                ),
+                None => warn!(
+                    "Queued in the shared state, but no replica holds the delivery lease: \
+                     nothing is sent until a replica runs (`report-relay run`)."
+                ),
+            }
             None
         }
     };

@@ -297,7 +297,8 @@ impl Relay {
             self.delivery_wake.notify_one();
         }
         if let (Some(writer), Some(row_id), Some(uid)) = (&self.last_uid, mailbox_row_id, uid) {
-            writer.set(&row_id, uid.last_uid);
+            let fence = self.replica.fence(&mailbox_lease(&mailbox));
+            writer.set(&row_id, uid.last_uid, fence);
         }
         let duplicate = result == AckResult::Duplicate;
         Ok(Relayed {

@@ -171,11 +171,11 @@ impl Replica {
         let period = self.lease / 3;
         // A replica that gives leases up announces it, so the others take them at once.
         let released = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(listen_for_releases(
-            postgres.pool().clone(),
-            released.clone(),
-            cancel.clone(),
-        ));
+        tokio::spawn(
+            postgres
+                .clone()
+                .listen(LEASES_CHANNEL, released.clone(), cancel.clone()),
+        );
         loop {
             let started = Instant::now();
             match self.round(&postgres, &directory, started).await {
@@ -389,37 +389,6 @@ pub async fn run_while_held<W, F>(
         }
         if cancel.is_cancelled() {
             return;
-        }
-    }
-}
-
-/// Wakes the lease loop whenever another replica released leases (`LISTEN` on
-/// [`LEASES_CHANNEL`]), until `cancel` fires; reconnects after a lost connection.
-async fn listen_for_releases(
-    pool: sqlx::PgPool,
-    released: Arc<tokio::sync::Notify>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let listening = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(LEASES_CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                released.notify_one();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            result = listening => if let Err(error) = result {
-                tracing::debug!(%error, "Lost the lease notifications; reconnecting.");
-            },
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use report_relay::report::render::{ItemKind, Method};
 use report_relay::state::{
-    AckResult, Acknowledgement, Checkpoint, MessageOutcome, OutboxItem, OutboxSend, SendResult,
-    State, StoredFile,
+    AckResult, Acknowledgement, Checkpoint, Fence, LeaseLost, MessageOutcome, OutboxItem,
+    OutboxSend, SendResult, State, StoredFile,
 };
 
 /// Where a test's state lives: a SQLite file in a temp dir, or its own PostgreSQL server.
@@ -121,7 +121,104 @@ on_both_backends!(
     admit_refusing_a_head_keeps_its_chat_blocked,
     a_replay_and_imap_dedupe_against_each_other_even_after_pruning,
     an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go,
+    recent_sends_are_the_done_rows_with_their_message_counts,
 );
+
+async fn recent_sends_are_the_done_rows_with_their_message_counts(db: Db) {
+    let state = db.open().await;
+    let item = |sha: &str| OutboxItem {
+        kind: ItemKind::Photo,
+        sha256: sha.into(),
+        file_name: format!("{sha}.png"),
+        caption: None,
+    };
+    let album = OutboxSend {
+        method: Method::SendMediaGroup,
+        items: vec![item("a"), item("b"), item("c")],
+        text: None,
+    };
+    let before = SystemTime::now() - Duration::from_secs(1);
+    state
+        .acknowledge(ack(
+            3,
+            vec![
+                (-100, album),
+                (1, send("done")),
+                (2, send("failed")),
+                (3, send("pending")),
+            ],
+        ))
+        .await
+        .unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    for row in &due {
+        match row.chat_id {
+            -100 | 1 => state.finish_send(row.id, SendResult::Done).await.unwrap(),
+            2 => state
+                .finish_send(row.id, SendResult::Failed("403".into()))
+                .await
+                .unwrap(),
+            _ => {}
+        }
+    }
+    let recent = state.recent_sends(before).await.unwrap();
+    let mut sent: Vec<(i64, usize)> = recent.iter().map(|s| (s.chat_id, s.messages)).collect();
+    sent.sort_unstable();
+    assert_eq!(sent, [(-100, 3), (1, 1)], "only what Telegram accepted");
+    assert!(recent.iter().all(|s| s.finished_at >= before));
+    let later = SystemTime::now() + Duration::from_secs(5);
+    assert!(state.recent_sends(later).await.unwrap().is_empty());
+}
+
+/// PostgreSQL only: a fence holds while its lease does, and a write fenced with an epoch that
+/// another replica took over fails with `LeaseLost` and changes nothing.
+#[tokio::test]
+async fn a_fence_holds_only_while_its_lease_is_held_with_its_epoch() {
+    let db = Db::postgres().await;
+    let state = db.open().await;
+    let pg = state.postgres().unwrap().clone();
+    let name = "mailbox:reports@example.com";
+    let lease = Duration::from_secs(60);
+    let epoch = pg.acquire_lease(name, "r1", lease).await.unwrap().unwrap();
+    assert_eq!(pg.acquire_lease(name, "r2", lease).await.unwrap(), None);
+    let fence = Fence {
+        name: name.into(),
+        owner: "r1".into(),
+        epoch,
+    };
+    let fenced = state.fenced(fence.clone());
+    assert!(state.lease_held(&fence).await.unwrap());
+    let checkpoint = |last_uid| Checkpoint {
+        uid_validity: 7,
+        last_uid,
+    };
+    fenced
+        .set_checkpoint("reports@example.com", checkpoint(5))
+        .await
+        .unwrap();
+
+    pg.release_lease(name, "r1").await.unwrap();
+    let taken = pg.acquire_lease(name, "r2", lease).await.unwrap().unwrap();
+    assert!(taken > epoch, "a new holder, a new epoch");
+    assert!(!state.lease_held(&fence).await.unwrap());
+    let error = fenced
+        .set_checkpoint("reports@example.com", checkpoint(9))
+        .await
+        .unwrap_err();
+    assert!(error.downcast_ref::<LeaseLost>().is_some(), "{error:#}");
+    assert_eq!(
+        state.checkpoint("reports@example.com").await.unwrap(),
+        Some(checkpoint(5))
+    );
+    // Taking it back is a third epoch: the first holder's old fence stays dead.
+    pg.release_lease(name, "r2").await.unwrap();
+    let again = pg.acquire_lease(name, "r1", lease).await.unwrap().unwrap();
+    assert!(again > taken);
+    assert!(!state.lease_held(&fence).await.unwrap());
+}
 
 async fn acknowledge_writes_message_outbox_and_checkpoint_together(db: Db) {
     let state = db.open().await;
@@ -444,4 +541,45 @@ async fn an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go(db: Db) {
     assert_eq!(heads, [Some("b".into()), Some("c".into())]);
     let failed = db.failed_error(&state).await;
     assert!(failed.starts_with("unreadable outbox row: "), "{failed}");
+}
+
+/// PostgreSQL only: a chat status one replica changes (its bot was blocked, or the user came
+/// back) reaches another replica's statuses through `NOTIFY`, without a restart.
+#[tokio::test]
+async fn a_chat_status_changed_on_one_replica_reaches_the_others() {
+    use report_relay::directory::ChatStatuses;
+    use report_relay::state::CHAT_STATUS_CHANNEL;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let db = Db::postgres().await;
+    let (here, there) = (db.open().await, db.open().await);
+    let changing = ChatStatuses::load(here).await.unwrap();
+    let following = ChatStatuses::load(there.clone()).await.unwrap();
+    let cancel = CancellationToken::new();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let listening = there.postgres().unwrap().clone();
+    tokio::spawn(listening.listen(CHAT_STATUS_CHANNEL, changed.clone(), cancel.clone()));
+    tokio::spawn(following.clone().follow(changed, cancel.clone()));
+
+    let wait_for = |want: Option<&'static str>| {
+        let following = following.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while following.status(42).as_deref() != want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "status {:?}, expected {want:?}",
+                    following.status(42)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Set before the listener may have subscribed: its first wake (on connect) reads it too.
+    changing.set(42, Some("blocked")).await.unwrap();
+    wait_for(Some("blocked")).await;
+    changing.set(42, None).await.unwrap();
+    wait_for(None).await;
+    cancel.cancel();
 }

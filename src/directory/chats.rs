@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use super::Directory;
 use crate::state::State;
@@ -36,6 +37,29 @@ impl ChatStatuses {
             state,
             map: RwLock::new(map),
         }))
+    }
+
+    /// Reloads the statuses from the state each time `changed` is woken (another replica
+    /// changed one: [`crate::state::CHAT_STATUS_CHANNEL`]), until `cancel` fires. A read that
+    /// fails keeps the statuses as they were until the next wake.
+    pub async fn follow(self: Arc<Self>, changed: Arc<Notify>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = changed.notified() => {}
+            }
+            match self.state.chat_statuses().await {
+                Ok(statuses) => {
+                    if let Ok(mut map) = self.map.write() {
+                        *map = statuses.into_iter().collect();
+                    }
+                }
+                Err(error) => warn!(
+                    error = format!("{error:#}"),
+                    "Cannot reload the chat statuses; keeping the ones loaded before."
+                ),
+            }
+        }
     }
 
     /// Why `chat_id` is skipped (`blocked`, `left`, `kicked`), or `None` when it is reachable.

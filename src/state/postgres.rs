@@ -23,9 +23,11 @@ use crate::state::files::kind_name;
 use crate::state::{Fence, millis};
 
 mod lease;
+mod notify;
 mod outbox;
 
 pub use self::lease::{LEASES_CHANNEL, LeaseLost};
+pub use self::notify::CHAT_STATUS_CHANNEL;
 pub use self::outbox::OUTBOX_CHANNEL;
 
 /// The deadline of one call to PostgreSQL, connection included.
@@ -201,7 +203,17 @@ impl Postgres {
             .bind(millis(SystemTime::now())),
             None => sqlx::query("DELETE FROM chat_status WHERE chat_id = $1").bind(chat_id),
         };
-        timed("Failed to write a chat status", query.execute(&self.pool)).await?;
+        timed("Failed to write a chat status", async {
+            let mut tx = self.pool.begin().await?;
+            query.execute(&mut *tx).await?;
+            // Delivered on commit: the other replicas reload their statuses.
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CHAT_STATUS_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+        .await?;
         Ok(())
     }
 

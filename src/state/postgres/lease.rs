@@ -156,6 +156,27 @@ impl Postgres {
         Ok(())
     }
 
+    /// Whether `fence`'s lease is held by its owner with its epoch and not expired (by the
+    /// database's clock, like every lease statement).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn lease_held(&self, fence: &Fence) -> anyhow::Result<bool> {
+        let held = timed(
+            "Failed to check a lease",
+            sqlx::query(
+                "SELECT 1 FROM leases
+                 WHERE name = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()",
+            )
+            .bind(&fence.name)
+            .bind(&fence.owner)
+            .bind(fence.epoch)
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        Ok(held.is_some())
+    }
+
     /// Which leases are held right now, and by whom (`name`, `owner`), for tests and `check`.
     ///
     /// # Errors
