@@ -6,7 +6,10 @@
 //! 2. failover after `kill -9` of the replica holding `delivery` and one mailbox: kill → the
 //!    first send by the survivor of a report to the survivor's own mailbox (the `delivery`
 //!    failover) and of a report to the killed replica's mailbox (the mailbox failover), next to
-//!    `state.lease_secs`.
+//!    `state.lease_secs`;
+//! 3. the span of a fan-out to 123 chats (first send to last, the fake Telegram enforcing its
+//!    limits over every sliding window) with two replicas next to one process: the same, since
+//!    one replica delivers and the budget is shared, not multiplied.
 //!
 //! Run with `cargo bench --bench replicas` (needs Dovecot and PostgreSQL:
 //! `scripts/test-deps.sh`).
@@ -18,8 +21,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::postgres::Postgres;
-use support::replicas::{Replica, holds, mailboxes, spawn, wait_leases, wait_ready};
-use support::stack::{ADDRESS, PASSWORD, Stack, Tuning};
+use support::replicas::{Replica, holds, mailboxes, spawn, spawn_pair, wait_leases, wait_ready};
+use support::stack::{ADDRESS, PASSWORD, Stack, Tuning, fixture};
+use support::telegram::RateLimits;
 use tokio::time::Instant;
 
 const SAMPLES: usize = 10;
@@ -48,6 +52,26 @@ async fn append_to_send(stack: &Stack, address: &str, chat: i64) -> Duration {
         .wait_for_sends(&[chat], before + 1, Duration::from_secs(120))
         .await;
     started.elapsed()
+}
+
+/// A stack whose mailbox fans out to 120 users and 3 supergroups, against Telegram's limits.
+async fn fan_out_stack() -> (Stack, Vec<i64>) {
+    let stack = Stack::new().await;
+    stack.telegram.set_rate_limits(Some(RateLimits::telegram()));
+    let chats = stack.add_fan_out(120, 3);
+    (stack, chats)
+}
+
+/// Delivers a PDF report to the fan-out and waits for every chat: first-to-last send, 429s.
+async fn fan_out_span(stack: &Stack, chats: &[i64]) -> (Duration, usize) {
+    stack.deliver(&fixture("03_dashboard_pdf_report.eml")).await;
+    stack
+        .wait_for_sends(chats, 1, Duration::from_secs(120))
+        .await;
+    (
+        stack.telegram.ok_send_span(chats),
+        stack.telegram.rate_violations().len(),
+    )
 }
 
 /// The stack with two mailboxes: the default (chat 1000) and `SECOND` (chat 2000).
@@ -163,5 +187,30 @@ fn main() {
         );
         drop(survivor);
         drop(killed);
+        drop(stack);
+
+        // 3a. A fan-out from one process.
+        let (stack, chats) = fan_out_stack().await;
+        let relay = stack.start(&Tuning::default());
+        stack.wait_ready(1).await;
+        let (single_span, single_429s) = fan_out_span(&stack, &chats).await;
+        relay.stop().await;
+        let minimum = RateLimits::telegram().min_span(chats.len() as u32);
+        drop(stack);
+
+        // 3b. The same from two replicas.
+        let postgres = Postgres::start().await.unwrap();
+        let (stack, chats) = fan_out_stack().await;
+        let (first, second, _) = spawn_pair(&stack, &postgres, LEASE_SECS).await;
+        let (replicas_span, replicas_429s) = fan_out_span(&stack, &chats).await;
+        println!(
+            "fan-out to {} chats, first to last send: one process {:.3} s ({single_429s} 429s); \
+             two replicas {:.3} s ({replicas_429s} 429s); the windows allow {:.3} s at least",
+            chats.len(),
+            single_span.as_secs_f64(),
+            replicas_span.as_secs_f64(),
+            minimum.as_secs_f64(),
+        );
+        drop((first, second));
     });
 }

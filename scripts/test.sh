@@ -11,10 +11,21 @@ scripts/test-deps.sh
 # Debian puts dovecot and doveadm in /usr/sbin, which a non-login PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
+# The end-to-end suites that run a second time with the relay's state on PostgreSQL (a server
+# of each test's own) instead of SQLite: tests/support/stack.rs reads RELAY_TEST_STATE.
+E2E_ON_POSTGRES=(--test relay_e2e --test flood --test registration)
+
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
     # One process per test: Dovecot- and PostgreSQL-backed tests run side by side, each on its
     # own port.
-    cargo nextest run --locked --no-fail-fast "$@"
+    cargo nextest run --locked --no-fail-fast "$@" || status=$?
+    echo "== the end-to-end tests again, with the state on PostgreSQL"
+    RELAY_TEST_STATE=postgres cargo nextest run --locked --no-fail-fast "${E2E_ON_POSTGRES[@]}" "$@" \
+        || status=$?
 else
-    cargo test --locked --no-fail-fast "$@"
+    cargo test --locked --no-fail-fast "$@" || status=$?
+    RELAY_TEST_STATE=postgres cargo test --locked --no-fail-fast "${E2E_ON_POSTGRES[@]}" "$@" \
+        || status=$?
 fi
+exit "$status"

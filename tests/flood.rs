@@ -117,11 +117,7 @@ async fn kill_9_mid_fan_out_repeats_at_most_what_was_in_flight() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let duplicates: Vec<i64> = chats
-        .iter()
-        .copied()
-        .filter(|chat| stack.ok_sends_to(*chat).len() > 1)
-        .collect();
+    let duplicates = stack.repeated(&chats);
     eprintln!(
         "kill -9 after {before} delivered sends ({unanswered} of them unanswered): {} repeated after the restart",
         duplicates.len()

@@ -1,5 +1,6 @@
 //! Replicas sharing one real PostgreSQL state: they split the mailboxes by lease, one of them
-//! delivers, and a survivor takes over from a killed (`kill -9`) or stopped (SIGTERM) one.
+//! delivers, and a survivor takes over from a killed (`kill -9`) or stopped (SIGTERM) one, in
+//! the middle of a fan-out too, without a 429 from the fake Telegram's sliding windows.
 
 mod support;
 
@@ -7,8 +8,12 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::postgres::Postgres;
-use support::replicas::{holds, leases, mailboxes, readyz, spawn, wait_leases, wait_ready};
-use support::stack::{PASSWORD, Stack};
+use support::replicas::{
+    append, holds, leases, mailboxes, pending_sends, readyz, signal, spawn, spawn_holding_all,
+    spawn_pair, wait_leases,
+};
+use support::stack::{PASSWORD, Stack, fixture};
+use support::telegram::{Call, RateLimits};
 
 /// `state.lease_secs` in the kill -9 test (renewed every second).
 const LEASE_SECS: u64 = 3;
@@ -134,15 +139,7 @@ async fn sigterm_hands_the_leases_over_at_once() {
     let postgres = Postgres::start().await.unwrap();
     let stack = Stack::new().await;
     stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
-    let first = spawn(&stack, &postgres, "r1", LONG_LEASE_SECS);
-    wait_leases(
-        &[&first],
-        "the first replica did not take the leases",
-        Duration::from_secs(60),
-        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
-    )
-    .await;
-    wait_ready(&first).await;
+    let first = spawn_holding_all(&stack, &postgres, "r1", LONG_LEASE_SECS).await;
     let second = spawn(&stack, &postgres, "r2", LONG_LEASE_SECS);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while readyz(second.port).await.is_none() {
@@ -158,11 +155,7 @@ async fn sigterm_hands_the_leases_over_at_once() {
         "it waits: the first holds all"
     );
     let stopped = tokio::time::Instant::now();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &first.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&first, "TERM");
     wait_leases(
         &[&second],
         "the second replica did not take over",
@@ -178,15 +171,7 @@ async fn sigterm_hands_the_leases_over_at_once() {
         took < Duration::from_secs(LONG_LEASE_SECS / 6),
         "the takeover took {took:?}, not less than lease_secs"
     );
-    stack
-        .dovecot
-        .append(
-            support::stack::ADDRESS,
-            "INBOX",
-            &support::dovecot::message("After"),
-        )
-        .await
-        .unwrap();
+    append(&stack, "After").await;
     stack
         .wait_for_sends(&[1000], 1, Duration::from_secs(30))
         .await;
@@ -203,35 +188,12 @@ async fn a_replica_paused_past_its_lease_neither_sends_nor_advances_anything() {
     let postgres = Postgres::start().await.unwrap();
     let stack = Stack::new().await;
     stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
-    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
-    wait_leases(
-        &[&first],
-        "the first replica did not take the leases",
-        Duration::from_secs(60),
-        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
-    )
-    .await;
-    wait_ready(&first).await;
+    let first = spawn_holding_all(&stack, &postgres, "r1", LEASE_SECS).await;
     let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
     // SIGSTOP the holder past its lease; the other takes everything over and relays a report
     // appended meanwhile.
-    let pid = first.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    stack
-        .dovecot
-        .append(
-            support::stack::ADDRESS,
-            "INBOX",
-            &support::dovecot::message("Paused"),
-        )
-        .await
-        .unwrap();
+    signal(&first, "STOP");
+    append(&stack, "Paused").await;
     wait_leases(
         &[&second],
         "the second replica did not take over from the paused one",
@@ -248,13 +210,7 @@ async fn a_replica_paused_past_its_lease_neither_sends_nor_advances_anything() {
         .unwrap();
     // SIGCONT: the resumed replica finds its leases expired; it sends nothing and moves no
     // checkpoint, and gives way (it takes no lease while the other one renews).
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&first, "CONT");
     let until = tokio::time::Instant::now() + Duration::from_secs(LEASE_SECS * 2);
     while tokio::time::Instant::now() < until {
         assert_eq!(sends_to(&stack, 1000), 1, "the resumed replica sent again");
@@ -280,41 +236,14 @@ async fn a_postgresql_restart_is_survived_with_nothing_lost() {
     let postgres = Postgres::start().await.unwrap();
     let stack = Stack::new().await;
     stack.add_user("First", Some(1000), &[stack.mailbox_row.as_str()]);
-    let first = spawn(&stack, &postgres, "r1", LEASE_SECS);
-    let second = spawn(&stack, &postgres, "r2", LEASE_SECS);
-    wait_leases(
-        &[&first, &second],
-        "the replicas did not take the leases",
-        Duration::from_secs(60),
-        |held| {
-            held.iter().map(|h| mailboxes(h)).sum::<usize>() == 1
-                && held.iter().any(|h| holds(h, "delivery"))
-        },
-    )
-    .await;
-    stack
-        .dovecot
-        .append(
-            support::stack::ADDRESS,
-            "INBOX",
-            &support::dovecot::message("Before"),
-        )
-        .await
-        .unwrap();
+    let (first, second, _) = spawn_pair(&stack, &postgres, LEASE_SECS).await;
+    append(&stack, "Before").await;
     stack
         .wait_for_sends(&[1000], 1, Duration::from_secs(30))
         .await;
     // Down for longer than a lease: every lease lapses; a report arrives meanwhile.
     postgres.stop().await.unwrap();
-    stack
-        .dovecot
-        .append(
-            support::stack::ADDRESS,
-            "INBOX",
-            &support::dovecot::message("During"),
-        )
-        .await
-        .unwrap();
+    append(&stack, "During").await;
     tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
     postgres.start_again().await.unwrap();
     stack
@@ -379,4 +308,81 @@ async fn a_third_replica_joining_takes_its_share() {
     stack
         .wait_for_sends(&chats, 1, Duration::from_secs(60))
         .await;
+}
+
+/// kill -9 of the `delivery` holder in the middle of a fan-out to 123 chats, with the fake
+/// Telegram enforcing its limits over every sliding window and answering each send 150 ms
+/// after it is delivered: the survivor takes the lease after `lease_secs`, resumes the outbox
+/// where the dead one stopped, and every chat ends with the report. No 429 across both
+/// replicas, and only the sends in flight at the kill repeat (4.5 at 30/s, so 5 at most).
+#[tokio::test]
+async fn kill_9_of_the_delivery_holder_mid_fan_out_loses_nothing_and_trips_no_limit() {
+    const ANSWER_DELAY: Duration = Duration::from_millis(150);
+    let postgres = Postgres::start().await.unwrap();
+    let stack = Stack::new().await;
+    stack.telegram.set_rate_limits(Some(RateLimits::telegram()));
+    stack.telegram.set_answer_delay(ANSWER_DELAY);
+    let chats = stack.add_fan_out(120, 3);
+    let (first, second, held) = spawn_pair(&stack, &postgres, LEASE_SECS).await;
+    let (mut holder, survivor) = if holds(&held[0], "delivery") {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let ok_sends = |calls: &[Call]| calls.iter().filter(|c| c.is_send() && c.is_ok()).count();
+    // A text report: what goes out is the pacer's doing alone, not an upload's.
+    stack.deliver(&fixture("05_chart_text_table.eml")).await;
+    stack
+        .telegram
+        .wait_for(move |calls| ok_sends(calls) >= 25, Duration::from_secs(60))
+        .await
+        .unwrap();
+    holder.child.kill().unwrap();
+    let killed = tokio::time::Instant::now();
+    holder.child.wait().unwrap();
+    let calls = stack.telegram.calls();
+    let before = ok_sends(&calls);
+    let unanswered = calls
+        .iter()
+        .filter(|c| c.is_send() && c.is_ok() && c.received_at + ANSWER_DELAY > killed)
+        .count();
+    assert!(
+        before < chats.len(),
+        "the kill came too late to test anything"
+    );
+
+    stack
+        .wait_for_sends(&chats, 1, Duration::from_secs(LEASE_SECS * 4 + 60))
+        .await;
+    let took_over = killed.elapsed();
+    // Done when the survivor's outbox is empty: nothing more can go out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while pending_sends(&postgres).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let violations = stack.telegram.rate_violations();
+    let duplicates = stack.repeated(&chats);
+    eprintln!(
+        "kill -9 of the delivery holder after {before} sends ({unanswered} unanswered): every \
+         chat had the report {:.2} s later, {} repeated, {} 429s",
+        took_over.as_secs_f64(),
+        duplicates.len(),
+        violations.len()
+    );
+    assert!(
+        violations.is_empty(),
+        "429s across the replicas: {violations:?}"
+    );
+    assert!(
+        duplicates.len() <= unanswered.max(5),
+        "{} repeated sends (the kill found {unanswered} delivered but unanswered): {duplicates:?}",
+        duplicates.len()
+    );
+    let held = leases(&[&survivor]).await;
+    assert!(holds(&held[0], "delivery"), "{held:?}");
+    drop(holder);
 }

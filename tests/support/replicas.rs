@@ -33,21 +33,11 @@ pub fn replica_config(
     port: u16,
     lease_secs: u64,
 ) -> PathBuf {
-    let text = std::fs::read_to_string(stack.write_config(&Tuning::default())).unwrap();
-    let state_path = stack.dir.path().join("state.db");
-    let text = text
-        .replace(
-            &format!("  path: \"{}\"", state_path.display()),
-            &format!(
-                "  url: \"{}\"\n  lease_secs: {lease_secs}\n  replica_id: \"{id}\"",
-                postgres.url()
-            ),
-        )
-        .replace(
-            &format!("127.0.0.1:{}", stack.http_port),
-            &format!("127.0.0.1:{port}"),
-        );
-    assert!(text.contains("url: \"postgres://"), "{text}");
+    let state = format!(
+        "  url: \"{}\"\n  lease_secs: {lease_secs}\n  replica_id: \"{id}\"",
+        postgres.url()
+    );
+    let text = stack.config_text(&Tuning::default(), &state, port);
     let path = stack.dir.path().join(format!("config-{id}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
@@ -121,6 +111,84 @@ pub async fn wait_ready(replica: &Replica) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Spawns replica `id` while no other runs, and waits until it holds `delivery` and the stack's
+/// one mailbox and is ready (its checkpoint stored).
+pub async fn spawn_holding_all(
+    stack: &Stack,
+    postgres: &Postgres,
+    id: &str,
+    lease_secs: u64,
+) -> Replica {
+    let replica = spawn(stack, postgres, id, lease_secs);
+    wait_leases(
+        &[&replica],
+        "the first replica did not take the leases",
+        Duration::from_secs(60),
+        |held| holds(&held[0], "delivery") && mailboxes(&held[0]) == 1,
+    )
+    .await;
+    wait_ready(&replica).await;
+    replica
+}
+
+/// Spawns replicas `r1` and `r2` on a stack with one mailbox, waits until one of them holds
+/// the mailbox and one holds `delivery`, and until both are ready. Returns them with the
+/// leases each held then.
+pub async fn spawn_pair(
+    stack: &Stack,
+    postgres: &Postgres,
+    lease_secs: u64,
+) -> (Replica, Replica, Vec<Vec<String>>) {
+    let first = spawn(stack, postgres, "r1", lease_secs);
+    let second = spawn(stack, postgres, "r2", lease_secs);
+    let held = wait_leases(
+        &[&first, &second],
+        "the replicas did not take the leases",
+        Duration::from_secs(120),
+        |held| {
+            held.iter().map(|h| mailboxes(h)).sum::<usize>() == 1
+                && held.iter().any(|h| holds(h, "delivery"))
+        },
+    )
+    .await;
+    wait_ready(&first).await;
+    wait_ready(&second).await;
+    (first, second, held)
+}
+
+/// Sends `signal` (`TERM`, `STOP`, `CONT`) to the replica's process.
+pub fn signal(replica: &Replica, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), replica.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal}");
+}
+
+/// Appends a report with `subject` to the stack's mailbox.
+pub async fn append(stack: &Stack, subject: &str) {
+    stack
+        .dovecot
+        .append(
+            super::stack::ADDRESS,
+            "INBOX",
+            &super::dovecot::message(subject),
+        )
+        .await
+        .unwrap();
+}
+
+/// The pending rows left in the shared outbox.
+pub async fn pending_sends(postgres: &Postgres) -> usize {
+    postgres
+        .psql("SELECT count(*) FROM outbox WHERE status = 'pending'")
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 pub fn mailboxes(held: &[String]) -> usize {

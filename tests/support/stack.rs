@@ -1,5 +1,9 @@
 //! The whole relay against a real Dovecot and the fake SeaTable and Telegram servers.
 //!
+//! The relay's state is a SQLite file in the stack's temp dir, or, with
+//! `RELAY_TEST_STATE=postgres` ([`STATE_ENV`]), a PostgreSQL server of the stack's own: the
+//! end-to-end tests run on both backends (`scripts/test.sh` runs them twice).
+//!
 //! ```ignore
 //! mod support;
 //!
@@ -17,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::dovecot::Dovecot;
+use super::postgres::Postgres;
 use super::seatable::FakeSeaTable;
 use super::telegram::{Call, FakeTelegram};
 
@@ -26,6 +31,10 @@ pub const ADDRESS: &str = "reports@test.local";
 pub const PASSWORD: &str = "mailbox-secret";
 /// The SeaTable API token of the fake base.
 pub const SEATABLE_TOKEN: &str = "st-api-token-0123456789";
+
+/// The environment variable that puts the stack's state on PostgreSQL (`postgres`) instead of
+/// SQLite (unset, or `sqlite`).
+pub const STATE_ENV: &str = "RELAY_TEST_STATE";
 
 /// Settings a test may change before starting the relay.
 #[derive(Debug, Clone)]
@@ -68,6 +77,8 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub mailbox_row: String,
     pub http_port: u16,
+    /// The state's PostgreSQL server, when [`STATE_ENV`] asks for one.
+    pub postgres: Option<Postgres>,
 }
 
 fn free_port() -> u16 {
@@ -127,6 +138,11 @@ impl Stack {
             json!({"Name": "reports", "email": ADDRESS, "description": "Sales reports"}),
         );
         let telegram = FakeTelegram::start(super::telegram::TOKEN).await;
+        let postgres = match std::env::var(STATE_ENV).as_deref() {
+            Ok("postgres") => Some(Postgres::start().await.expect("PostgreSQL starts")),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("{STATE_ENV}={other}: expected sqlite or postgres"),
+        };
         Self {
             dovecot,
             seatable,
@@ -134,6 +150,17 @@ impl Stack {
             dir: tempfile::tempdir().unwrap(),
             mailbox_row,
             http_port: free_port(),
+            postgres,
+        }
+    }
+
+    /// The config's `state:` entries: the SQLite file in the temp dir, or the stack's
+    /// PostgreSQL with a fixed `replica_id`, so that a relay started again after a `kill -9`
+    /// renews its own leases at once instead of waiting them out.
+    pub fn state_config(&self) -> String {
+        match &self.postgres {
+            Some(postgres) => format!("  url: \"{}\"\n  replica_id: \"stack\"", postgres.url()),
+            None => format!("  path: \"{}\"", self.dir.path().join("state.db").display()),
         }
     }
 
@@ -190,7 +217,14 @@ impl Stack {
     /// Writes `config.yaml` and returns its path.
     pub fn write_config(&self, tuning: &Tuning) -> PathBuf {
         let path = self.dir.path().join("config.yaml");
-        let text = format!(
+        let text = self.config_text(tuning, &self.state_config(), self.http_port);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The config with `state` as its `state:` entries and `/healthz` on `http_port`.
+    pub fn config_text(&self, tuning: &Tuning, state: &str, http_port: u16) -> String {
+        format!(
             r#"
 telegram:
 {country_code}  bot_token: "{token}"
@@ -216,7 +250,7 @@ delivery:
   concurrency: {concurrency}
   give_up_after_secs: 600
 state:
-  path: "{state}"
+{state}
 http:
   listen: "127.0.0.1:{http_port}"
 "#,
@@ -237,11 +271,7 @@ http:
             address = ADDRESS,
             password = PASSWORD,
             concurrency = tuning.concurrency,
-            state = self.dir.path().join("state.db").display(),
-            http_port = self.http_port,
-        );
-        std::fs::write(&path, text).unwrap();
-        path
+        )
     }
 
     /// Runs the relay in this process until the returned handle is stopped.
@@ -362,6 +392,15 @@ http:
             .calls()
             .into_iter()
             .filter(|c| c.is_send() && c.is_ok() && c.chat_id == Some(chat))
+            .collect()
+    }
+
+    /// The chats of `chats` that Telegram accepted a send for more than once: the repeats.
+    pub fn repeated(&self, chats: &[i64]) -> Vec<i64> {
+        chats
+            .iter()
+            .copied()
+            .filter(|chat| self.ok_sends_to(*chat).len() > 1)
             .collect()
     }
 }
