@@ -21,6 +21,7 @@ use crate::directory::{
     SnapshotSource,
 };
 use crate::metrics::Metrics;
+use crate::oauth2::TokenSources;
 use crate::relay::{Handles, Incoming, Relay, RelaySettings};
 use crate::replica::{DELIVERY, Replica, UPDATES, default_replica_id, run_while_held};
 use crate::schema::Schema;
@@ -284,12 +285,17 @@ pub async fn run_reloading(
         move |_, held| crate::bot::run(polling.clone(), registrar.clone(), held),
     ));
 
+    let tokens = Arc::new(TokenSources::new(
+        state.clone(),
+        crate::oauth2::http_client().context("Cannot set up the OAuth2 HTTP client")?,
+    ));
     let supervisor = Supervisor::new(
         config.clone(),
         directory.clone(),
         relay,
         metrics.clone(),
         watchers,
+        tokens,
     )
     .reloading(config_changes)
     .leased(replica.clone());
@@ -628,27 +634,118 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
     }
 
     if let Some(snapshot) = snapshot {
+        let tokens = match check_token_sources(config).await {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                lines.push(CheckLine {
+                    ok: false,
+                    text: format!("state: {error:#}"),
+                });
+                return lines;
+            }
+        };
         for row in snapshot.enabled_mailboxes() {
-            let line = match crate::supervisor::mailbox_settings(row, config) {
+            let line = match crate::supervisor::mailbox_settings(row, config, &tokens) {
                 Err(message) => CheckLine {
                     ok: false,
                     text: format!("imap {}: {message}", row.email),
                 },
-                Ok(settings) => match crate::imap::check_login(&settings).await {
-                    Ok(summary) => CheckLine {
-                        ok: true,
-                        text: format!("imap {}: {summary}", row.email),
-                    },
-                    Err(error) => CheckLine {
-                        ok: false,
-                        text: format!("imap {}: {error:#}", row.email),
-                    },
-                },
+                Ok(settings) => check_mailbox(&settings).await,
             };
             lines.push(line);
         }
     }
     lines
+}
+
+/// The token sources for `check`: on the state beside a relay that may be running, since
+/// refresh tokens from `oauth login` live there. Opens the state only when an account uses
+/// OAuth2.
+async fn check_token_sources(config: &Config) -> anyhow::Result<TokenSources> {
+    let uses_oauth2 = config.imap.accounts.values().any(|a| a.oauth2.is_some());
+    let state = if uses_oauth2 {
+        State::beside_relay(&config.state).await?
+    } else {
+        // Never asked for a token: an in-memory stand-in that writes no file.
+        State::in_memory()?
+    };
+    Ok(TokenSources::new(state, crate::oauth2::http_client()?))
+}
+
+/// One mailbox's line of `check`, naming the failing step: for OAuth2 the token endpoint (a
+/// fresh access token), then the login (SASL) and EXAMINE.
+async fn check_mailbox(settings: &crate::imap::MailboxSettings) -> CheckLine {
+    let address = &settings.address;
+    let mut via = String::new();
+    if let crate::imap::Credentials::OAuth2(tokens) = &settings.credentials {
+        match tokens.access_token(&settings.login).await {
+            Ok(_) => {
+                via = format!(
+                    " with a fresh OAuth2 token ({}, {})",
+                    tokens.config().grant,
+                    tokens.config().mechanism.name()
+                );
+            }
+            Err(error) => {
+                return CheckLine {
+                    ok: false,
+                    text: format!("imap {address}: token endpoint: {error}"),
+                };
+            }
+        }
+    }
+    match crate::imap::check_login(settings).await {
+        Ok(summary) => CheckLine {
+            ok: true,
+            text: format!("imap {address}: {summary}{via}"),
+        },
+        Err(error) => CheckLine {
+            ok: false,
+            text: format!("imap {address}: {error:#}"),
+        },
+    }
+}
+
+/// `report-relay oauth login --mailbox ADDRESS`: signs the mailbox's OAuth2 account in and
+/// stores its refresh token in the state ([`crate::oauth2::login`]). The account is the
+/// `imap.accounts` entry named like the address, else the one the mailbox row's `imap_account`
+/// names (read from SeaTable). Prompts go to `out`.
+///
+/// # Errors
+/// No OAuth2 account for the mailbox, SeaTable unreachable when it must be asked, or what
+/// [`crate::oauth2::login::login`] returns.
+pub async fn oauth_login(
+    config: &Config,
+    mailbox: &str,
+    out: &mut (dyn std::io::Write + Send),
+) -> anyhow::Result<crate::oauth2::login::LoggedIn> {
+    let name = match config.imap.account(mailbox) {
+        Some((name, _)) => name.to_owned(),
+        None => {
+            let client = seatable_client(config, Arc::new(Metrics::new()))?;
+            let backend = SeaTableBackend::new(client, config.seatable.tables.clone());
+            let snapshot = backend
+                .fetch()
+                .await
+                .context("Cannot read the mailboxes from SeaTable")?;
+            let row = snapshot.mailbox(mailbox).with_context(|| {
+                format!("imap.accounts has no entry {mailbox} and no mailbox row has that address")
+            })?;
+            row.imap_account.clone().with_context(|| {
+                format!("imap.accounts has no entry {mailbox} and its row names no imap_account")
+            })?
+        }
+    };
+    let (name, account) = config
+        .imap
+        .account(&name)
+        .with_context(|| format!("imap.accounts has no entry {name}"))?;
+    let oauth2 = account
+        .oauth2
+        .as_ref()
+        .with_context(|| format!("imap.accounts.{name} has a password, not an oauth2 section"))?;
+    let state = State::beside_relay(&config.state).await?;
+    crate::oauth2::login::login(&name.to_ascii_lowercase(), mailbox, oauth2, &state, out).await
 }
 
 /// `report-relay schema apply`: creates the tables and columns the base lacks. Returns what

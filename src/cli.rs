@@ -1,4 +1,4 @@
-//! The command line: `run`, `replay`, `check` and `schema apply` (interface.md).
+//! The command line: `run`, `replay`, `check`, `oauth login` and `schema apply` (interface.md).
 //!
 //! `main` parses [`Cli`], sets up logging with [`init_logging`] and hands over to [`Cli::run`].
 
@@ -47,6 +47,12 @@ pub enum Command {
     /// Validate the config, log in to SeaTable and check its tables, call Telegram getMe, log in
     /// to each enabled mailbox; one line per check.
     Check(ConfigArgs),
+    /// OAuth2 mailboxes (imap.accounts.<name>.oauth2).
+    Oauth {
+        /// What to do.
+        #[command(subcommand)]
+        action: OauthAction,
+    },
     /// Manage the SeaTable base.
     Schema {
         /// What to do.
@@ -61,6 +67,27 @@ pub enum SchemaAction {
     /// Create the tables and columns of seatable-schema/ that the base lacks (never deletes or
     /// renames).
     Apply(ConfigArgs),
+}
+
+/// `report-relay oauth …`.
+#[derive(Debug, Subcommand)]
+pub enum OauthAction {
+    /// Sign a mailbox's OAuth2 account in once (the device flow, or for Google the loopback
+    /// redirect flow) and store its refresh token in the state; a running relay uses it at its
+    /// next login, without a restart.
+    Login(OauthLoginArgs),
+}
+
+/// `report-relay oauth login`.
+#[derive(Debug, clap::Args)]
+pub struct OauthLoginArgs {
+    /// The config file.
+    #[arg(long, env = "REPORT_RELAY_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+    /// The mailbox to sign in: its imap.accounts entry, or the one its SeaTable row's
+    /// imap_account names.
+    #[arg(long, value_name = "ADDRESS")]
+    pub mailbox: String,
 }
 
 /// The `--config` argument of the commands that need a config.
@@ -158,6 +185,22 @@ impl Cli {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Command::Oauth {
+                action: OauthAction::Login(args),
+            } => {
+                let config = Config::load(&args.config)?;
+                let logged_in = runtime()?.block_on(crate::app::oauth_login(
+                    &config,
+                    &args.mailbox,
+                    &mut std::io::stdout(),
+                ))?;
+                println!(
+                    "Stored the refresh token of account {} in the state; the relay uses it at \
+                     its next login, without a restart.",
+                    logged_in.account
+                );
+                Ok(ExitCode::SUCCESS)
             }
             Command::Schema {
                 action: SchemaAction::Apply(args),

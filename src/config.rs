@@ -22,8 +22,13 @@ use serde_norway::Value;
 use serde_with::{DisplayFromStr, serde_as};
 
 mod env;
+mod oauth2;
 
 pub use self::env::expand_vars;
+pub use self::oauth2::{
+    Endpoints, GOOGLE_SCOPE, Grant, MICROSOFT_APP_SCOPE, MICROSOFT_SCOPE, OAuth2Account, Provider,
+    SaslMechanism,
+};
 
 use self::env::expand_tree;
 
@@ -267,19 +272,31 @@ impl Default for ImapConfig {
 impl ImapConfig {
     /// The configured password of a mailbox address, matched case-insensitively.
     pub fn password_for(&self, address: &str) -> Option<&SecretString> {
+        self.account(address)
+            .and_then(|(_, account)| account.password.as_ref())
+    }
+
+    /// The account named `name` (a mailbox address or a row's `imap_account`), matched
+    /// case-insensitively, with its name as written in the config.
+    pub fn account(&self, name: &str) -> Option<(&str, &ImapAccount)> {
         self.accounts
             .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(address))
-            .map(|(_, account)| &account.password)
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(key, account)| (key.as_str(), account))
     }
 }
 
-/// `imap.accounts.<address>:`.
+/// `imap.accounts.<name>:` (the name is the mailbox address, or what a mailbox row's
+/// `imap_account` cell names): exactly one of `password` and `oauth2`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImapAccount {
-    /// The mailbox password. Never printed.
-    pub password: SecretString,
+    /// The mailbox password, for IMAP LOGIN. Never printed.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    /// OAuth2 (SASL XOAUTH2 or OAUTHBEARER) instead of a password.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Account>,
 }
 
 /// `imap.tls`.
@@ -324,7 +341,8 @@ pub enum AuthMethod {
     /// IMAP LOGIN with a password (RFC 3501 §6.2.3).
     #[default]
     Password,
-    /// SASL XOAUTH2 (Gmail, Microsoft 365): reserved, not implemented yet.
+    /// Reserved: OAuth2 is configured per account (`imap.accounts.<address>.oauth2`); this
+    /// value is refused with a message saying so.
     XOAuth2,
 }
 
@@ -603,12 +621,38 @@ impl Config {
         })?;
         config
             .validate()
+            .map_err(|(key, message)| (key.to_owned(), message))
+            .and_then(|()| config.validate_accounts())
             .map_err(|(key, message)| ConfigError::Key {
                 file: file.to_owned(),
-                key: key.to_owned(),
+                key,
                 message,
             })?;
         Ok(config)
+    }
+
+    /// Checks each `imap.accounts` entry: exactly one of `password` and `oauth2`, and the
+    /// OAuth2 settings.
+    ///
+    /// # Errors
+    /// The dotted key (`imap.accounts.<name>.oauth2.token_url`) and what is wrong with it.
+    fn validate_accounts(&self) -> Result<(), (String, String)> {
+        for (name, account) in &self.imap.accounts {
+            let key = format!("imap.accounts.{name}");
+            match (&account.password, &account.oauth2) {
+                (Some(_), Some(_)) => {
+                    return Err((key, "set either password or oauth2, not both".into()));
+                }
+                (None, None) => {
+                    return Err((key, "needs a password or an oauth2 section".into()));
+                }
+                (Some(_), None) => {}
+                (None, Some(oauth2)) => oauth2
+                    .validate()
+                    .map_err(|(field, message)| (format!("{key}.oauth2.{field}"), message))?,
+            }
+        }
+        Ok(())
     }
 
     /// Checks ranges and formats that the types alone do not.
@@ -689,7 +733,9 @@ impl Config {
         if i.auth == AuthMethod::XOAuth2 {
             return Err((
                 "imap.auth",
-                "xoauth2 is reserved for OAuth2 and not implemented yet; use password".into(),
+                "OAuth2 is set per account: imap.accounts.<address>.oauth2 (see config.yaml.example); \
+                 leave imap.auth at password"
+                    .into(),
             ));
         }
         if let Some(required) = &self.reports.require_authentication

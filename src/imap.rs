@@ -54,12 +54,14 @@ mod command;
 mod connect;
 mod idle;
 mod resolve;
+mod sasl;
 mod select;
 mod wire;
 
 pub use self::auth::{AuthError, Authenticator, PasswordLogin};
 pub use self::check::check_login;
 pub use self::connect::{ImapClient, ImapSession, Transport};
+pub use self::sasl::{MailboxLogin, OAuth2Login, initial_response};
 
 use self::command::{Notes, SessionError, cancellable, command, drain, error_chain, logout};
 use self::connect::{TlsConfig, client_config, webpki_client_config};
@@ -134,10 +136,10 @@ pub struct MailboxSettings {
     pub port: u16,
     /// Transport security.
     pub tls: TlsMode,
-    /// The login name sent to the server.
+    /// The login name sent to the server (the SASL user for OAuth2).
     pub login: String,
-    /// The password. Never logged.
-    pub password: SecretString,
+    /// How the mailbox authenticates. Never logged.
+    pub credentials: Credentials,
     /// The folder to watch, in UTF-8 (sent as modified UTF-7, RFC 3501 §5.1.3).
     pub folder: String,
     /// Hard cap of one IDLE round, in seconds (RFC 2177 §3: re-issue at least every 29 min).
@@ -149,6 +151,29 @@ pub struct MailboxSettings {
     pub timeouts: ImapTimeouts,
     /// Poll interval in seconds when the server lacks IDLE. 0 counts as 1.
     pub poll_secs: u64,
+}
+
+/// How a mailbox authenticates: a password for `LOGIN`, or the OAuth2 account whose tokens
+/// it sends with SASL (`XOAUTH2` or `OAUTHBEARER`, `imap.accounts.<name>.oauth2`).
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// IMAP `LOGIN` (RFC 3501 §6.2.3). Never printed.
+    Password(SecretString),
+    /// SASL with a bearer token from this source (shared by the account's mailboxes).
+    OAuth2(Arc<crate::oauth2::TokenSource>),
+}
+
+impl Credentials {
+    /// Whether two credentials log in the same way with the same secrets (a changed password
+    /// or OAuth2 setting restarts the watcher).
+    pub fn same_as(&self, other: &Self) -> bool {
+        use secrecy::ExposeSecret;
+        match (self, other) {
+            (Self::Password(a), Self::Password(b)) => a.expose_secret() == b.expose_secret(),
+            (Self::OAuth2(a), Self::OAuth2(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// One message fetched from the folder.
@@ -268,7 +293,7 @@ pub struct WatcherStatus {
 }
 
 /// Watches one mailbox folder and hands every new message to the sink. See the module docs.
-pub struct MailboxWatcher<S: MessageSink, A: Authenticator = PasswordLogin> {
+pub struct MailboxWatcher<S: MessageSink, A: Authenticator = MailboxLogin> {
     settings: MailboxSettings,
     sink: Arc<S>,
     metrics: Arc<Metrics>,
@@ -281,7 +306,7 @@ pub struct MailboxWatcher<S: MessageSink, A: Authenticator = PasswordLogin> {
 }
 
 impl<S: MessageSink> MailboxWatcher<S> {
-    /// A watcher that logs in with `settings.login` / `settings.password` and trusts the
+    /// A watcher that logs in as `settings.login` with `settings.credentials` and trusts the
     /// webpki (Mozilla) roots, through the one TLS client config of the process. The receiver
     /// sees every [`WatcherStatus`] change.
     pub fn new(
@@ -289,7 +314,18 @@ impl<S: MessageSink> MailboxWatcher<S> {
         sink: Arc<S>,
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<WatcherStatus>) {
-        let auth = PasswordLogin::new(settings.login.clone(), settings.password.clone());
+        let auth = match &settings.credentials {
+            Credentials::Password(password) => {
+                MailboxLogin::Password(PasswordLogin::new(settings.login.clone(), password.clone()))
+            }
+            Credentials::OAuth2(tokens) => MailboxLogin::OAuth2(OAuth2Login::new(
+                settings.login.clone(),
+                settings.host.clone(),
+                settings.port,
+                tokens.config().mechanism,
+                tokens.clone(),
+            )),
+        };
         let (status, receiver) = watch::channel(WatcherStatus {
             state: WatcherState::Connecting,
             last_catch_up: None,

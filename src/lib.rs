@@ -8,7 +8,10 @@
 //! - [`supervisor`]: one [`imap::MailboxWatcher`] per enabled mailbox row, reloaded every
 //!   `seatable.reload_secs` and on SIGHUP, restarted on panic.
 //! - [`imap`]: connect (TLS), authenticate, SELECT, catch up by UID, IDLE, reconnect forever;
-//!   one file per step under `imap/` (connect, auth, command, select, idle, wire, check).
+//!   one file per step under `imap/` (connect, auth, sasl, command, select, idle, wire, check).
+//! - [`oauth2`]: access tokens for OAuth2 mailboxes (refresh, client credentials, service
+//!   accounts), refreshed one at a time per account, rotated refresh tokens kept in the state;
+//!   `oauth login` (device flow, loopback redirect) in `oauth2/login.rs`.
 //! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
 //!   [`report::render`]'s plan, the recipients from [`directory`], and one transaction in
 //!   [`state`] (message, outbox rows, checkpoint), on SQLite or PostgreSQL.
@@ -37,6 +40,7 @@ pub mod directory;
 pub mod http;
 pub mod imap;
 pub mod metrics;
+pub mod oauth2;
 pub mod relay;
 pub mod replay;
 pub mod replica;

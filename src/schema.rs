@@ -528,6 +528,7 @@ mod tests {
             "imap_port",
             "imap_login",
             "imap_password",
+            "imap_account",
             "folder",
             "allowed_senders",
             "disabled",

@@ -12,6 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 pub use crate::imap::Checkpoint;
@@ -31,6 +32,15 @@ pub use self::postgres::{
     CHAT_STATUS_CHANNEL, LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres,
 };
 pub use self::sqlite::Sqlite;
+
+/// A refresh token stored for an OAuth2 account ([`State::refresh_token`]).
+#[derive(Debug, Clone)]
+pub struct StoredRefreshToken {
+    /// The OAuth client it was issued to: a token of another client is not used.
+    pub client_id: String,
+    /// The refresh token. Never printed.
+    pub refresh_token: SecretString,
+}
 
 /// A handle on the state database; cheap to clone.
 #[derive(Clone, Debug)]
@@ -146,6 +156,33 @@ impl State {
         }
     }
 
+    /// The state of `config` for a tool beside a relay that may be running (`oauth login`,
+    /// `check`): SQLite without the relay's process lock ([`Sqlite::open_beside`]), or
+    /// PostgreSQL as usual.
+    ///
+    /// # Errors
+    /// As [`State::from_config`], except that a running relay is no error.
+    pub async fn beside_relay(config: &crate::config::StateConfig) -> anyhow::Result<Self> {
+        match &config.url {
+            Some(url) => Self::connect(url.expose_secret()).await,
+            None => Ok(Self {
+                backend: Backend::Sqlite(Sqlite::open_beside(&config.sqlite_path())?),
+                fence: None,
+            }),
+        }
+    }
+
+    /// A throwaway SQLite state in memory (`check` without OAuth2 accounts, tests).
+    ///
+    /// # Errors
+    /// The schema cannot be applied.
+    pub fn in_memory() -> anyhow::Result<Self> {
+        Ok(Self {
+            backend: Backend::Sqlite(Sqlite::in_memory()?),
+            fence: None,
+        })
+    }
+
     /// This state with its lease-dependent writes (advancing a checkpoint in
     /// [`State::acknowledge`] or [`State::set_checkpoint`], claiming rows in
     /// [`State::due_sends`]) fenced by `fence`: on PostgreSQL they fail with [`LeaseLost`], and
@@ -234,6 +271,34 @@ impl State {
     /// A database error.
     pub async fn chat_statuses(&self) -> anyhow::Result<Vec<(i64, String)>> {
         on_backend!(self.chat_statuses())
+    }
+
+    /// The refresh token stored for the OAuth2 account `account` (its name in
+    /// `imap.accounts`, lower case), if any: the latest one the token endpoint issued.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn refresh_token(&self, account: &str) -> anyhow::Result<Option<StoredRefreshToken>> {
+        on_backend!(self.refresh_token(&account.to_ascii_lowercase()))
+    }
+
+    /// Stores `refresh_token`, issued to `client_id`, for the OAuth2 account `account`,
+    /// replacing the one before. Durable when it returns: a rotated refresh token is stored
+    /// before the access token that came with it is used.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn store_refresh_token(
+        &self,
+        account: &str,
+        client_id: &str,
+        refresh_token: &SecretString,
+    ) -> anyhow::Result<()> {
+        on_backend!(self.store_refresh_token(
+            &account.to_ascii_lowercase(),
+            client_id,
+            refresh_token.expose_secret()
+        ))
     }
 
     /// The stored bytes of a file.

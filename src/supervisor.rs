@@ -8,30 +8,38 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ImapAccount};
 use crate::directory::{Directory, Mailbox};
 use crate::http::{HealthSource, MailboxHealth, ReplicaHealth};
 use crate::imap::{
-    ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink, WatcherState, WatcherStatus,
+    Credentials, ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink, WatcherState,
+    WatcherStatus,
 };
 use crate::metrics::Metrics;
+use crate::oauth2::TokenSources;
 use crate::replica::{Replica, mailbox_lease};
 
 /// Poll interval for servers without IDLE, in seconds.
 pub const POLL_SECS: u64 = 60;
 
-/// Builds a watcher's settings from its row, falling back to the `imap` config section.
+/// Builds a watcher's settings from its row, falling back to the `imap` config section. The
+/// credentials: the row's `imap_password`, else the `imap.accounts` entry the row's
+/// `imap_account` names (default: the one named like its `email`), with a password or an
+/// `oauth2` section whose token source comes from `tokens`.
 ///
 /// # Errors
-/// A message naming what is missing: a host (row `imap_host` or `imap.host`) or a password
-/// (row `imap_password` or `imap.accounts.<address>.password`).
-pub fn mailbox_settings(row: &Mailbox, config: &Config) -> Result<MailboxSettings, String> {
+/// A message naming what is missing: a host (row `imap_host` or `imap.host`) or credentials.
+pub fn mailbox_settings(
+    row: &Mailbox,
+    config: &Config,
+    tokens: &TokenSources,
+) -> Result<MailboxSettings, String> {
     let imap = &config.imap;
     let host = row
         .imap_host
@@ -43,14 +51,40 @@ pub fn mailbox_settings(row: &Mailbox, config: &Config) -> Result<MailboxSetting
                 row.email
             )
         })?;
-    let password = match &row.imap_password {
-        Some(password) => SecretString::from(password.clone()),
-        None => imap.password_for(&row.email).cloned().ok_or_else(|| {
-            format!(
-                "mailbox {} has no imap_password and imap.accounts has no password for it",
-                row.email
-            )
-        })?,
+    let account = row.imap_account.as_deref().unwrap_or(&row.email);
+    let credentials = match &row.imap_password {
+        Some(password) => Credentials::Password(SecretString::from(password.clone())),
+        None => match imap.account(account) {
+            Some((
+                _,
+                ImapAccount {
+                    password: Some(password),
+                    ..
+                },
+            )) => Credentials::Password(password.clone()),
+            Some((
+                name,
+                ImapAccount {
+                    oauth2: Some(_), ..
+                },
+            )) => Credentials::OAuth2(
+                tokens
+                    .get(config, name, &row.email)
+                    .ok_or_else(|| format!("imap.accounts.{name} has no oauth2 section"))?,
+            ),
+            _ if row.imap_account.is_some() => {
+                return Err(format!(
+                    "mailbox {} names imap_account {account:?}, which imap.accounts lacks",
+                    row.email
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "mailbox {} has no imap_password and imap.accounts has no entry for it",
+                    row.email
+                ));
+            }
+        },
     };
     Ok(MailboxSettings {
         address: row.email.clone(),
@@ -58,7 +92,7 @@ pub fn mailbox_settings(row: &Mailbox, config: &Config) -> Result<MailboxSetting
         port: row.imap_port.unwrap_or(imap.port),
         tls: imap.tls,
         login: row.imap_login.clone().unwrap_or_else(|| row.email.clone()),
-        password,
+        credentials,
         folder: row.folder.clone().unwrap_or_else(|| imap.folder.clone()),
         idle_renew_secs: imap.idle_renew_secs,
         seed_last_uid: row.last_uid,
@@ -73,7 +107,7 @@ fn same_connection(a: &MailboxSettings, b: &MailboxSettings) -> bool {
         && a.port == b.port
         && a.tls == b.tls
         && a.login == b.login
-        && a.password.expose_secret() == b.password.expose_secret()
+        && a.credentials.same_as(&b.credentials)
         && a.folder == b.folder
         && a.idle_renew_secs == b.idle_renew_secs
 }
@@ -201,6 +235,7 @@ pub struct Supervisor<S: MessageSink> {
     watchers: Arc<Watchers>,
     reload: Duration,
     replica: Arc<Replica>,
+    tokens: Arc<TokenSources>,
 }
 
 impl<S: MessageSink> Supervisor<S> {
@@ -211,6 +246,7 @@ impl<S: MessageSink> Supervisor<S> {
         sink: Arc<S>,
         metrics: Arc<Metrics>,
         watchers: Arc<Watchers>,
+        tokens: Arc<TokenSources>,
     ) -> Self {
         let reload = Duration::from_secs(config.seatable.reload_secs);
         Self {
@@ -222,6 +258,7 @@ impl<S: MessageSink> Supervisor<S> {
             watchers,
             reload,
             replica: Replica::solo(),
+            tokens,
         }
     }
 
@@ -345,7 +382,7 @@ impl<S: MessageSink> Supervisor<S> {
             if !self.replica.holds(&mailbox_lease(&row.email)) {
                 continue;
             }
-            match mailbox_settings(row, &config) {
+            match mailbox_settings(row, &config, &self.tokens) {
                 Ok(settings) => {
                     wanted.insert(row.email.to_ascii_lowercase(), settings);
                 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use report_relay::config::TlsMode;
-use report_relay::imap::{Checkpoint, MailboxSettings, WatcherState};
+use report_relay::imap::{Checkpoint, Credentials, MailboxSettings, WatcherState};
 use secrecy::SecretString;
 use support::dovecot::{Dovecot, DovecotOptions, PASS, USER, message};
 use support::watcher::{self, MemorySink, Running, SINK_ERROR, eventually};
@@ -368,7 +368,7 @@ async fn a_wrong_password_backs_off_with_an_authentication_error() {
     let server = dovecot().await;
     let sink = MemorySink::new();
     let mut settings = settings(&server);
-    settings.password = SecretString::from("wrong password");
+    settings.credentials = Credentials::Password(SecretString::from("wrong password"));
     let mut running = Running::start(settings, &sink);
     running
         .wait_state("an authentication failure", |status| {

@@ -14,6 +14,7 @@ use report_relay::config::Config;
 use report_relay::directory::{Directory, Snapshot};
 use report_relay::imap::{Checkpoint, FetchedMessage, MessageSink};
 use report_relay::metrics::Metrics;
+use report_relay::oauth2::TokenSources;
 use report_relay::state::State;
 use report_relay::supervisor::{Supervisor, Watchers};
 use support::directory::{ReadOnly, one_mailbox};
@@ -98,6 +99,10 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
         },
     ));
     let state = State::open(&config.state.sqlite_path()).unwrap();
+    let tokens = Arc::new(TokenSources::new(
+        state.clone(),
+        report_relay::oauth2::http_client().unwrap(),
+    ));
     let directory = Arc::new(Directory::new(
         backend.clone(),
         state,
@@ -112,6 +117,7 @@ async fn a_panicked_watcher_is_restarted_and_a_disabled_row_is_stopped() {
         sink.clone(),
         Arc::new(Metrics::new()),
         watchers.clone(),
+        tokens,
     );
     let cancel = CancellationToken::new();
     let task = tokio::spawn(supervisor.run(cancel.clone(), Duration::from_secs(5)));

@@ -163,7 +163,10 @@ fn wrong_types_and_ranges_are_named() {
     let error = load(&format!("{MINIMAL}imap:\n  auth: xoauth2\n"))
         .unwrap_err()
         .to_string();
-    assert!(error.contains("imap.auth: xoauth2 is reserved"), "{error}");
+    assert!(
+        error.contains("imap.auth: OAuth2 is set per account: imap.accounts.<address>.oauth2"),
+        "{error}"
+    );
     let text = MINIMAL.replace("https://cloud.seatable.io", "cloud.seatable.io");
     assert!(
         load(&text)
@@ -195,5 +198,113 @@ fn the_shipped_examples_load() {
         if file.starts_with("docker") {
             assert_eq!(config.http.listen.to_string(), "0.0.0.0:9464");
         }
+    }
+}
+
+fn account(body: &str) -> String {
+    format!("{MINIMAL}imap:\n  accounts:\n    bi@company.com:\n{body}")
+}
+
+#[test]
+fn an_oauth2_account_gets_its_providers_endpoints_and_hides_its_secrets() {
+    let config = load(&account(
+        "      oauth2:\n        provider: microsoft\n        client_id: app-1\n        \
+         client_secret: ${PASS}\n        refresh_token: ${PASS}\n        tenant: contoso.com\n",
+    ))
+    .unwrap();
+    let (name, entry) = config.imap.account("BI@company.com").unwrap();
+    assert_eq!(name, "bi@company.com");
+    assert!(entry.password.is_none());
+    assert!(config.imap.password_for("bi@company.com").is_none());
+    let oauth2 = entry.oauth2.as_ref().unwrap();
+    assert_eq!(oauth2.mechanism, SaslMechanism::XOAuth2);
+    assert_eq!(oauth2.grant, Grant::RefreshToken);
+    let endpoints = oauth2.endpoints();
+    assert_eq!(
+        endpoints.token_url,
+        "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token"
+    );
+    assert_eq!(
+        endpoints.device_authorization_url.as_deref(),
+        Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/devicecode")
+    );
+    assert_eq!(endpoints.scope, MICROSOFT_SCOPE);
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("p#ss"), "{debug}");
+
+    let google = load(&account(
+        "      oauth2:\n        provider: google\n        client_id: c\n        \
+         mechanism: oauthbearer\n",
+    ))
+    .unwrap();
+    let oauth2 = google.imap.accounts["bi@company.com"].oauth2.clone().unwrap();
+    assert_eq!(oauth2.mechanism, SaslMechanism::OAuthBearer);
+    let endpoints = oauth2.endpoints();
+    assert_eq!(endpoints.token_url, "https://oauth2.googleapis.com/token");
+    assert_eq!(endpoints.scope, GOOGLE_SCOPE);
+    assert_eq!(
+        endpoints.authorization_url.as_deref(),
+        Some("https://accounts.google.com/o/oauth2/v2/auth")
+    );
+
+    let app = load(&account(
+        "      oauth2:\n        provider: microsoft\n        client_id: c\n        \
+         client_secret: s\n        tenant: t\n        grant: client_credentials\n",
+    ))
+    .unwrap();
+    let endpoints = app.imap.accounts["bi@company.com"]
+        .oauth2
+        .as_ref()
+        .unwrap()
+        .endpoints();
+    assert_eq!(endpoints.scope, MICROSOFT_APP_SCOPE);
+}
+
+#[test]
+fn oauth2_mistakes_are_named_with_their_key() {
+    let cases = [
+        (
+            "      password: x\n      oauth2:\n        provider: google\n        client_id: c\n",
+            "imap.accounts.bi@company.com: set either password or oauth2, not both",
+        ),
+        (
+            "      {}\n",
+            "imap.accounts.bi@company.com: needs a password or an oauth2 section",
+        ),
+        (
+            "      oauth2:\n        provider: custom\n        client_id: c\n",
+            "imap.accounts.bi@company.com.oauth2.token_url: is required with provider custom",
+        ),
+        (
+            "      oauth2:\n        provider: microsoft\n        client_id: c\n        grant: client_credentials\n",
+            "imap.accounts.bi@company.com.oauth2.client_secret: is required with grant client_credentials",
+        ),
+        (
+            "      oauth2:\n        provider: google\n        client_id: c\n        client_secret: s\n        grant: client_credentials\n",
+            "imap.accounts.bi@company.com.oauth2.grant: Google has no client credentials grant",
+        ),
+        (
+            "      oauth2:\n        provider: google\n        client_id: c\n        grant: service_account\n",
+            "imap.accounts.bi@company.com.oauth2.key_file: is required with grant service_account",
+        ),
+        (
+            "      oauth2:\n        provider: google\n        client_id: c\n        tenant: t\n",
+            "imap.accounts.bi@company.com.oauth2.tenant: applies to provider microsoft only",
+        ),
+        (
+            "      oauth2:\n        provider: yahoo\n        client_id: c\n",
+            "imap.accounts.bi@company.com.oauth2.provider: expected google, microsoft or custom",
+        ),
+        (
+            "      oauth2:\n        provider: custom\n        client_id: c\n        token_url: ftp://x\n",
+            "imap.accounts.bi@company.com.oauth2.token_url: expected an http(s) URL",
+        ),
+    ];
+    for (body, expected) in cases {
+        let error = load(&account(body)).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("config.yaml: {expected}")),
+            "{body}: {error}"
+        );
     }
 }

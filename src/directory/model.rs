@@ -46,6 +46,9 @@ pub struct Mailbox {
     pub imap_login: Option<String>,
     /// `imap_password` override. Never printed.
     pub imap_password: Option<String>,
+    /// `imap_account`: the `imap.accounts` entry with the credentials (default: the one named
+    /// like `email`).
+    pub imap_account: Option<String>,
     /// `folder` override.
     pub folder: Option<String>,
     /// `allowed_senders`: lowercase addresses and `@domain`s; empty means anyone.
@@ -68,6 +71,7 @@ impl std::fmt::Debug for Mailbox {
                 "imap_password",
                 &self.imap_password.as_ref().map(|_| "[REDACTED]"),
             )
+            .field("imap_account", &self.imap_account)
             .field("folder", &self.folder)
             .field("allowed_senders", &self.allowed_senders)
             .field("disabled", &self.disabled)
@@ -213,6 +217,8 @@ pub mod column {
     pub const IMAP_LOGIN: &str = "imap_login";
     /// mailboxes: IMAP password override (a secret).
     pub const IMAP_PASSWORD: &str = "imap_password";
+    /// mailboxes: the config's `imap.accounts` entry with the credentials.
+    pub const IMAP_ACCOUNT: &str = "imap_account";
     /// mailboxes: folder override.
     pub const FOLDER: &str = "folder";
     /// mailboxes: addresses and `@domain`s allowed to send reports.
@@ -311,6 +317,7 @@ fn parse_mailbox(row: &Row) -> Option<Mailbox> {
         imap_port,
         imap_login: text(row, column::IMAP_LOGIN),
         imap_password: text(row, column::IMAP_PASSWORD),
+        imap_account: text(row, column::IMAP_ACCOUNT),
         folder: text(row, column::FOLDER),
         allowed_senders,
         disabled: row.bool(column::DISABLED),

@@ -241,7 +241,7 @@ mod tests {
             port: 993,
             tls: TlsMode::Implicit,
             login: address.to_owned(),
-            password: SecretString::from("secret"),
+            credentials: super::super::Credentials::Password(SecretString::from("secret")),
             folder: "INBOX".to_owned(),
             idle_renew_secs: 540,
             seed_last_uid: None,

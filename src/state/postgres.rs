@@ -20,7 +20,7 @@ use super::SNAPSHOT_KEY;
 use crate::imap::Checkpoint;
 use crate::report::render::ItemKind;
 use crate::state::files::kind_name;
-use crate::state::{Fence, millis};
+use crate::state::{Fence, StoredRefreshToken, millis};
 
 mod lease;
 mod notify;
@@ -37,7 +37,10 @@ const MAX_CONNECTIONS: u32 = 8;
 
 /// The migrations, in order. A released migration is never edited (sqlx checks its checksum);
 /// a schema change is a new file.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "state", include_str!("postgres/0001_state.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "state", include_str!("postgres/0001_state.sql")),
+    (2, "oauth", include_str!("postgres/0002_oauth.sql")),
+];
 
 /// A handle on the PostgreSQL state; cheap to clone.
 #[derive(Clone)]
@@ -223,6 +226,49 @@ impl Postgres {
             sqlx::query_as("SELECT chat_id, status FROM chat_status").fetch_all(&self.pool),
         )
         .await
+    }
+
+    pub(super) async fn refresh_token(
+        &self,
+        account: &str,
+    ) -> anyhow::Result<Option<StoredRefreshToken>> {
+        let row: Option<(String, String)> = timed(
+            "Failed to read a refresh token",
+            sqlx::query_as(
+                "SELECT client_id, refresh_token FROM oauth_refresh_tokens WHERE account = $1",
+            )
+            .bind(account)
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        Ok(row.map(|(client_id, token)| StoredRefreshToken {
+            client_id,
+            refresh_token: token.into(),
+        }))
+    }
+
+    pub(super) async fn store_refresh_token(
+        &self,
+        account: &str,
+        client_id: &str,
+        refresh_token: &str,
+    ) -> anyhow::Result<()> {
+        timed(
+            "Failed to store a refresh token",
+            sqlx::query(
+                "INSERT INTO oauth_refresh_tokens (account, client_id, refresh_token, updated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (account) DO UPDATE SET client_id = EXCLUDED.client_id,
+                     refresh_token = EXCLUDED.refresh_token, updated_at = EXCLUDED.updated_at",
+            )
+            .bind(account)
+            .bind(client_id)
+            .bind(refresh_token)
+            .bind(millis(SystemTime::now()))
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
     }
 
     pub(super) async fn file_bytes(&self, sha256: &str) -> anyhow::Result<bytes::Bytes> {

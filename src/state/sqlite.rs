@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SNAPSHOT_KEY;
 use crate::imap::Checkpoint;
-use crate::state::millis;
+use crate::state::{StoredRefreshToken, millis};
 
 mod files;
 mod outbox;
@@ -28,8 +28,9 @@ pub struct Sqlite {
     /// An async mutex: a caller waiting for its turn holds no thread.
     conn: Arc<tokio::sync::Mutex<Connection>>,
     /// An exclusive lock on `<state.path>.lock`, held while any clone lives: two relay
-    /// processes draining one outbox would send everything twice.
-    _lock: Arc<std::fs::File>,
+    /// processes draining one outbox would send everything twice. `None` for a tool beside
+    /// the relay ([`Sqlite::open_beside`]).
+    _lock: Option<Arc<std::fs::File>>,
 }
 
 impl std::fmt::Debug for Sqlite {
@@ -48,6 +49,39 @@ impl Sqlite {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("Failed to create {}", parent.display()))?;
         }
+        let lock = Self::lock(path)?;
+        Self::open_with(path, Some(lock))
+    }
+
+    /// Opens the database at `path` beside a relay that may be running, without its process
+    /// lock: for `oauth login` and `check`, which read and write only their own rows (refresh
+    /// tokens). SQLite's own locking (WAL, a 10 s busy timeout) keeps both writers safe.
+    ///
+    /// # Errors
+    /// As [`Sqlite::open`], except that a running relay is no error.
+    pub fn open_beside(path: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("Failed to create {}", parent.display()))?;
+        }
+        Self::open_with(path, None)
+    }
+
+    /// A database in memory, gone when the last clone is dropped.
+    ///
+    /// # Errors
+    /// The schema cannot be applied.
+    pub fn in_memory() -> anyhow::Result<Self> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)
+            .context("Failed to create the state schema")?;
+        Ok(Self {
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
+            _lock: None,
+        })
+    }
+
+    fn lock(path: &Path) -> anyhow::Result<std::fs::File> {
         let lock_path = path.with_extension("db.lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -67,6 +101,10 @@ impl Sqlite {
                     .with_context(|| format!("Failed to lock {}", lock_path.display()));
             }
         }
+        Ok(lock)
+    }
+
+    fn open_with(path: &Path, lock: Option<std::fs::File>) -> anyhow::Result<Self> {
         let conn = Connection::open(path)
             .with_context(|| format!("Failed to open the state database {}", path.display()))?;
         // The persisted directory snapshot can hold mailbox passwords from SeaTable rows: keep
@@ -84,7 +122,7 @@ impl Sqlite {
             .context("Failed to create the state schema")?;
         Ok(Self {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
-            _lock: Arc::new(lock),
+            _lock: lock.map(Arc::new),
         })
     }
 
@@ -208,6 +246,59 @@ impl Sqlite {
                 .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+        .await
+    }
+}
+
+impl Sqlite {
+    /// The refresh token stored for `account`, if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn refresh_token(&self, account: &str) -> anyhow::Result<Option<StoredRefreshToken>> {
+        let account = account.to_owned();
+        self.with(move |conn| {
+            let row: Option<(String, String)> = conn
+                .query_row(
+                    "SELECT client_id, refresh_token FROM oauth_refresh_tokens WHERE account = ?1",
+                    [account],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            Ok(row.map(|(client_id, token)| StoredRefreshToken {
+                client_id,
+                refresh_token: token.into(),
+            }))
+        })
+        .await
+    }
+
+    /// Stores `refresh_token` of `client_id` for `account`, replacing the one before; durable
+    /// when it returns (synchronous FULL).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn store_refresh_token(
+        &self,
+        account: &str,
+        client_id: &str,
+        refresh_token: &str,
+    ) -> anyhow::Result<()> {
+        let (account, client_id, token) = (
+            account.to_owned(),
+            client_id.to_owned(),
+            refresh_token.to_owned(),
+        );
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO oauth_refresh_tokens (account, client_id, refresh_token, updated_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (account) DO UPDATE SET client_id = ?2, refresh_token = ?3,
+                     updated_at = ?4",
+                params![account, client_id, token, millis(SystemTime::now())],
+            )?;
+            Ok(())
         })
         .await
     }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use report_relay::imap::{Checkpoint, ImapTimeouts, MailboxSettings};
+use report_relay::imap::{Checkpoint, Credentials, ImapTimeouts, MailboxSettings};
 use secrecy::SecretString;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,7 +35,7 @@ pub fn checkpoint(last_uid: u32) -> Checkpoint {
 /// 0.3 s DONE timeout, 20–100 ms backoff).
 pub fn settings(port: u16) -> MailboxSettings {
     let mut settings = watcher::settings("127.0.0.1", port);
-    settings.password = SecretString::from(PASSWORD);
+    settings.credentials = Credentials::Password(SecretString::from(PASSWORD));
     settings.timeouts = ImapTimeouts {
         connect: Duration::from_secs(2),
         login: Duration::from_secs(2),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use report_relay::config::TlsMode;
 use report_relay::imap::{
-    Checkpoint, FetchedMessage, ImapTimeouts, MailboxSettings, MailboxWatcher, MessageSink,
-    WatcherState, WatcherStatus,
+    Checkpoint, Credentials, FetchedMessage, ImapTimeouts, MailboxSettings, MailboxWatcher,
+    MessageSink, WatcherState, WatcherStatus,
 };
 use report_relay::metrics::Metrics;
 use secrecy::SecretString;
@@ -38,7 +38,7 @@ pub fn settings(host: &str, port: u16) -> MailboxSettings {
         port,
         tls: TlsMode::None,
         login: USER.into(),
-        password: SecretString::from(PASS),
+        credentials: Credentials::Password(SecretString::from(PASS)),
         folder: "INBOX".into(),
         idle_renew_secs: 60,
         seed_last_uid: None,

@@ -66,3 +66,11 @@ CREATE TABLE IF NOT EXISTS chat_status (
     status     TEXT NOT NULL,
     updated_at INTEGER NOT NULL
 );
+-- OAuth2 refresh tokens of IMAP accounts: the latest one each account's token endpoint issued
+-- (from `report-relay oauth login`, or rotated on a refresh), with the client it belongs to.
+CREATE TABLE IF NOT EXISTS oauth_refresh_tokens (
+    account       TEXT PRIMARY KEY,
+    client_id     TEXT NOT NULL,
+    refresh_token TEXT NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
