@@ -34,6 +34,24 @@ impl Db {
         }
     }
 
+    /// Opens the state as a tool beside a running relay does (`oauth login`, `check`):
+    /// SQLite without the relay's process lock.
+    async fn open_beside(&self) -> State {
+        let config = report_relay::config::StateConfig {
+            path: match self {
+                Self::Sqlite(dir) => Some(dir.path().join("sub/state.db")),
+                Self::Postgres(_) => None,
+            },
+            url: match self {
+                Self::Sqlite(_) => None,
+                Self::Postgres(server) => Some(server.url().into()),
+            },
+            lease_secs: 15,
+            replica_id: None,
+        };
+        State::beside_relay(&config).await.unwrap()
+    }
+
     /// Replaces the send of `chat_id`'s first outbox row with JSON no version can read.
     async fn damage_first_row_of(&self, state: &State, chat_id: i64) {
         const SQL: &str = "UPDATE outbox SET send = '{\"method\": \"sendCarrierPigeon\"}' \
@@ -122,7 +140,43 @@ on_both_backends!(
     a_replay_and_imap_dedupe_against_each_other_even_after_pruning,
     an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go,
     recent_sends_are_the_done_rows_with_their_message_counts,
+    a_refresh_token_is_stored_per_account_and_replaced,
 );
+
+async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
+    use secrecy::{ExposeSecret, SecretString};
+    let state = db.open().await;
+    assert!(state.refresh_token("bi@company.com").await.unwrap().is_none());
+    let first = SecretString::from("1.refresh-first");
+    state
+        .store_refresh_token("BI@company.com", "app-1", &first)
+        .await
+        .unwrap();
+    let stored = state.refresh_token("bi@company.com").await.unwrap().unwrap();
+    assert_eq!(stored.client_id, "app-1");
+    assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-first");
+    // Rotation replaces it, for the same or another client.
+    let second = SecretString::from("1.refresh-second");
+    state
+        .store_refresh_token("bi@company.com", "app-2", &second)
+        .await
+        .unwrap();
+    let stored = state.refresh_token("Bi@Company.com").await.unwrap().unwrap();
+    assert_eq!(stored.client_id, "app-2");
+    assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-second");
+    assert!(state.refresh_token("other@company.com").await.unwrap().is_none());
+    assert!(!format!("{stored:?}").contains("refresh-second"));
+    // `oauth login` beside the running relay (which holds SQLite's process lock) stores a new
+    // one, and the relay's handle reads it at its next refresh.
+    let beside = db.open_beside().await;
+    let third = SecretString::from("1.refresh-third");
+    beside
+        .store_refresh_token("bi@company.com", "app-2", &third)
+        .await
+        .unwrap();
+    let stored = state.refresh_token("bi@company.com").await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-third");
+}
 
 async fn recent_sends_are_the_done_rows_with_their_message_counts(db: Db) {
     let state = db.open().await;
