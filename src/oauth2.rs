@@ -301,53 +301,71 @@ impl TokenSource {
             .map_err(|error| TokenError::State(format!("{error:#}")))
     }
 
-    /// The refresh token grant (RFC 6749 §6), storing a rotated refresh token first.
+    /// The refresh token grant (RFC 6749 §6), storing a rotated refresh token first. When the
+    /// endpoint refuses the token and the state meanwhile holds another one (another replica
+    /// rotated it, or `oauth login` ran), that one is tried once more.
     async fn refresh(&self, inner: &mut Inner) -> Result<Issued, TokenError> {
-        let Some(refresh_token) = self.current_refresh_token(inner).await? else {
-            return Err(TokenError::NoRefreshToken {
-                account: self.account.clone(),
-                mailbox: self.mailbox.clone(),
-            });
-        };
-        if let Some(refused) = &inner.refused
-            && refused.refresh_token.expose_secret() == refresh_token.expose_secret()
-            && refused.at.elapsed() < INVALID_GRANT_HOLD
-        {
-            return Err(refused.error.clone());
-        }
-        let client = self.client()?;
-        let answer = client
-            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose_secret().to_owned()))
-            .add_scopes(self.scopes())
-            .request_async(&self.http)
-            .await;
-        let issued = match self.issued(answer) {
-            Ok(issued) => issued,
-            Err(error) => {
-                if error.is_invalid_grant() {
+        // Whether a refresh token was refused already in this call: then the loop ends at the
+        // `refused` check (the same token) or after one more request (a newer one).
+        let mut retried = false;
+        loop {
+            let Some(refresh_token) = self.current_refresh_token(inner).await? else {
+                return Err(TokenError::NoRefreshToken {
+                    account: self.account.clone(),
+                    mailbox: self.mailbox.clone(),
+                });
+            };
+            if let Some(refused) = &inner.refused
+                && refused.refresh_token.expose_secret() == refresh_token.expose_secret()
+                && refused.at.elapsed() < INVALID_GRANT_HOLD
+            {
+                return Err(refused.error.clone());
+            }
+            let answer = self
+                .client()?
+                .exchange_refresh_token(&RefreshToken::new(
+                    refresh_token.expose_secret().to_owned(),
+                ))
+                .add_scopes(self.scopes())
+                .request_async(&self.http)
+                .await;
+            let issued = match self.issued(answer) {
+                Ok(issued) => issued,
+                Err(error) if error.is_invalid_grant() && !retried => {
                     inner.refused = Some(Refused {
                         refresh_token,
                         at: Instant::now(),
-                        error: error.clone(),
+                        error,
                     });
+                    retried = true;
+                    continue;
                 }
-                return Err(error);
+                Err(error) => {
+                    if error.is_invalid_grant() {
+                        inner.refused = Some(Refused {
+                            refresh_token,
+                            at: Instant::now(),
+                            error: error.clone(),
+                        });
+                    }
+                    return Err(error);
+                }
+            };
+            inner.refused = None;
+            if let Some(new) = &issued.refresh_token
+                && new.expose_secret() != refresh_token.expose_secret()
+            {
+                if let Err(error) = self.store(new).await {
+                    inner.unsaved = Some(new.clone());
+                    return Err(error);
+                }
+                info!(
+                    account = self.account,
+                    "The token endpoint rotated the refresh token; the new one is stored."
+                );
             }
-        };
-        inner.refused = None;
-        if let Some(new) = &issued.refresh_token
-            && new.expose_secret() != refresh_token.expose_secret()
-        {
-            if let Err(error) = self.store(new).await {
-                inner.unsaved = Some(new.clone());
-                return Err(error);
-            }
-            info!(
-                account = self.account,
-                "The token endpoint rotated the refresh token; the new one is stored."
-            );
+            return Ok(issued);
         }
-        Ok(issued)
     }
 
     /// The client credentials grant (RFC 6749 §4.4).

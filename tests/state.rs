@@ -146,13 +146,23 @@ on_both_backends!(
 async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
     use secrecy::{ExposeSecret, SecretString};
     let state = db.open().await;
-    assert!(state.refresh_token("bi@company.com").await.unwrap().is_none());
+    assert!(
+        state
+            .refresh_token("bi@company.com")
+            .await
+            .unwrap()
+            .is_none()
+    );
     let first = SecretString::from("1.refresh-first");
     state
         .store_refresh_token("BI@company.com", "app-1", &first)
         .await
         .unwrap();
-    let stored = state.refresh_token("bi@company.com").await.unwrap().unwrap();
+    let stored = state
+        .refresh_token("bi@company.com")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.client_id, "app-1");
     assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-first");
     // Rotation replaces it, for the same or another client.
@@ -161,10 +171,20 @@ async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
         .store_refresh_token("bi@company.com", "app-2", &second)
         .await
         .unwrap();
-    let stored = state.refresh_token("Bi@Company.com").await.unwrap().unwrap();
+    let stored = state
+        .refresh_token("Bi@Company.com")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.client_id, "app-2");
     assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-second");
-    assert!(state.refresh_token("other@company.com").await.unwrap().is_none());
+    assert!(
+        state
+            .refresh_token("other@company.com")
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(!format!("{stored:?}").contains("refresh-second"));
     // `oauth login` beside the running relay (which holds SQLite's process lock) stores a new
     // one, and the relay's handle reads it at its next refresh.
@@ -174,7 +194,11 @@ async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
         .store_refresh_token("bi@company.com", "app-2", &third)
         .await
         .unwrap();
-    let stored = state.refresh_token("bi@company.com").await.unwrap().unwrap();
+    let stored = state
+        .refresh_token("bi@company.com")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-third");
 }
 

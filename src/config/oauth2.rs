@@ -246,6 +246,12 @@ impl OAuth2Account {
         if self.provider == Provider::Custom && self.token_url.is_none() {
             return Err(("token_url", "is required with provider custom".into()));
         }
+        if self.provider == Provider::Custom && self.scope.is_none() {
+            return Err(("scope", "is required with provider custom".into()));
+        }
+        if self.scope.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(("scope", "must not be empty".into()));
+        }
         if self.tenant.is_some() && self.provider != Provider::Microsoft {
             return Err(("tenant", "applies to provider microsoft only".into()));
         }

@@ -237,7 +237,10 @@ fn an_oauth2_account_gets_its_providers_endpoints_and_hides_its_secrets() {
          mechanism: oauthbearer\n",
     ))
     .unwrap();
-    let oauth2 = google.imap.accounts["bi@company.com"].oauth2.clone().unwrap();
+    let oauth2 = google.imap.accounts["bi@company.com"]
+        .oauth2
+        .clone()
+        .unwrap();
     assert_eq!(oauth2.mechanism, SaslMechanism::OAuthBearer);
     let endpoints = oauth2.endpoints();
     assert_eq!(endpoints.token_url, "https://oauth2.googleapis.com/token");
@@ -276,6 +279,10 @@ fn oauth2_mistakes_are_named_with_their_key() {
             "imap.accounts.bi@company.com.oauth2.token_url: is required with provider custom",
         ),
         (
+            "      oauth2:\n        provider: custom\n        client_id: c\n        token_url: http://x\n",
+            "imap.accounts.bi@company.com.oauth2.scope: is required with provider custom",
+        ),
+        (
             "      oauth2:\n        provider: microsoft\n        client_id: c\n        grant: client_credentials\n",
             "imap.accounts.bi@company.com.oauth2.client_secret: is required with grant client_credentials",
         ),
@@ -296,7 +303,7 @@ fn oauth2_mistakes_are_named_with_their_key() {
             "imap.accounts.bi@company.com.oauth2.provider: expected google, microsoft or custom",
         ),
         (
-            "      oauth2:\n        provider: custom\n        client_id: c\n        token_url: ftp://x\n",
+            "      oauth2:\n        provider: custom\n        client_id: c\n        token_url: ftp://x\n        scope: s\n",
             "imap.accounts.bi@company.com.oauth2.token_url: expected an http(s) URL",
         ),
     ];

@@ -119,7 +119,13 @@ impl Authenticator for OAuth2Login {
             .await
         {
             Ok(session) => return Ok(session),
-            Err((async_imap::error::Error::No(_), client)) => client,
+            // `[UNAVAILABLE]` (RFC 5530 §3): the server could not check the token (its
+            // introspection endpoint is down); a new token would not help.
+            Err((async_imap::error::Error::No(message), client))
+                if !message.contains("[UNAVAILABLE]") =>
+            {
+                client
+            }
             Err((error, _)) => return Err(self.error(error)),
         };
         // Refused: the token may have been revoked or expired early. Once more with a new one.

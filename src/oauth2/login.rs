@@ -102,6 +102,9 @@ pub async fn login(
                 details.interval().as_secs()
             )?;
             out.flush()?;
+            // RFC 8628 §3.5: wait the interval before each request, the first one too (the
+            // oauth2 crate polls at once, then waits).
+            tokio::time::sleep(details.interval()).await;
             let token = client
                 .exchange_device_access_token(&details)
                 .request_async(&http, tokio::time::sleep, None)

@@ -50,6 +50,29 @@
 //!   Dovecot's own startup errors (config syntax, bind) go to
 //!   `dovecot.stderr`. On a panicking test, `Drop` prints the log tail.
 //! * Set `RR_DOVECOT_KEEP=1` to keep the temp dir after the test.
+//! * Dovecot's auth penalty (anvil, per client IP; not configurable, independent of
+//!   `auth_failure_delay`): for 15 s after a failed login, the next authentication from the
+//!   same IP is held back 4 s (8 s after two failures, at most 15 s), successful or not. A
+//!   client may connect from another loopback address (`127.0.0.N`, bind before connect) to
+//!   avoid it.
+//!
+//! OAuth2 ([`DovecotOptions::oauth2_introspection_url`], Dovecot 2.3 `passdb oauth2`,
+//! doc.dovecot.org "Open Authentication v2.0 database"; source `src/auth/mech-oauth2.c`,
+//! `src/auth/db-oauth2.c`, `src/lib-oauth2/oauth2-request.c` of 2.3.19):
+//! * `XOAUTH2` and `OAUTHBEARER` are advertised (`AUTH=XOAUTH2 AUTH=OAUTHBEARER`) next to
+//!   `PLAIN`/`LOGIN`, with `SASL-IR`. Every login POSTs `token=<T>` (plus empty `client_id` and
+//!   `client_secret`) to the introspection URL; the answer's `active` must be `true` and its
+//!   `username` equal the SASL user after lowercasing both (`username_format = %Lu`). No auth
+//!   cache (`auth_cache_size = 0`), so a revoked or expired token fails on the next login.
+//! * A refused token (inactive, unknown, another user's) gets a challenge, not a `NO`:
+//!   `+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=`
+//!   (`{"status":"401","schemes":"bearer","scope":"mail"}`) for XOAUTH2,
+//!   `+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=` (`{"status":"invalid_token"}`) for OAUTHBEARER;
+//!   the client answers an empty line (XOAUTH2) or `AQ==` (`\x01`, RFC 7628 §3.2.3) and gets
+//!   `<tag> NO [AUTHENTICATIONFAILED] Authentication failed.` after `auth_failure_delay`.
+//! * An introspection endpoint that answers 5xx or not at all: no challenge,
+//!   `<tag> NO [UNAVAILABLE] Temporary authentication failure. [<host>:<date>]`.
+//! * `tests/fake_oauth2.rs` has the exact exchanges, with and without an initial response.
 
 // Each integration test binary uses a different subset of this module.
 #![allow(dead_code)]
@@ -139,6 +162,16 @@ pub struct DovecotOptions {
     /// auth, anvil and the other internal services. `None` keeps Dovecot's
     /// defaults (100 login processes of one connection each).
     pub scale_clients: Option<u32>,
+    /// OAuth2 login: `Some(url)` makes the server accept `AUTHENTICATE XOAUTH2` and
+    /// `AUTHENTICATE OAUTHBEARER` (RFC 7628), each bearer token checked by a `passdb oauth2` that
+    /// POSTs `token=<T>` to this RFC 7662 introspection URL (e.g.
+    /// [`super::oauth2::FakeOAuth2::introspection_url`]) on every login and takes the mailbox
+    /// from the answer's `username`, which must equal the SASL user (case-insensitively), with
+    /// `active` = `true`. `PLAIN`/`LOGIN` keep working against the passwd-files of
+    /// [`Dovecot::add_user`]: each passdb is limited to its mechanisms (`passdb { mechanisms =
+    /// }`), so a token is never tried as a password nor a password as a token. See
+    /// [`Dovecot::oauth2_config_path`] and the module docs for what Dovecot answers.
+    pub oauth2_introspection_url: Option<String>,
     /// Extra lines appended verbatim at the end of `dovecot.conf`. A later
     /// setting overrides an earlier one, and a repeated section (e.g.
     /// `service imap-login { inet_listener imaps { ... } }`) is merged into
@@ -293,6 +326,12 @@ impl Dovecot {
         self.root.join("dovecot.conf")
     }
 
+    /// Path of the `passdb oauth2` settings file (`dovecot-oauth2.conf.ext`), written when
+    /// [`DovecotOptions::oauth2_introspection_url`] is set.
+    pub fn oauth2_config_path(&self) -> PathBuf {
+        self.root.join("dovecot-oauth2.conf.ext")
+    }
+
     /// Dovecot's log file (all services log here).
     pub fn log_path(&self) -> PathBuf {
         self.root.join("dovecot.log")
@@ -361,6 +400,20 @@ impl Dovecot {
             .unwrap()
             .insert(login.to_owned(), password.to_owned());
         Ok(())
+    }
+
+    /// Adds a mailbox user that logs in with OAuth2 only (`XOAUTH2`/`OAUTHBEARER`, see
+    /// [`DovecotOptions::oauth2_introspection_url`]): its passwd-file gets a random 32-byte
+    /// password that no test knows, so `LOGIN`/`PLAIN` refuse every password a test sends,
+    /// while `doveadm` (which needs the user to exist) and [`Dovecot::append`] (which uses that
+    /// password internally) work as for any user. Takes effect at once.
+    pub fn add_oauth2_user(&self, login: &str) -> Result<()> {
+        let secret = format!(
+            "oauth2-only-{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        self.add_user(login, &secret)
     }
 
     /// Password of a user added with [`Dovecot::add_user`].
@@ -666,6 +719,10 @@ impl Dovecot {
     /// waits until *this* server answers on the port.
     async fn spawn_and_wait_ready(&self) -> Result<Running, StartError> {
         let token = format!("rr-dovecot-ready-{:016x}", rand::random::<u64>());
+        if let Some(url) = &self.options.oauth2_introspection_url {
+            fs::write(self.oauth2_config_path(), Self::render_oauth2_config(url))
+                .context("writing dovecot-oauth2.conf.ext")?;
+        }
         fs::write(self.config_path(), self.render_config(&token))
             .context("writing dovecot.conf")?;
         // A master killed with SIGKILL leaves its pid file behind.
@@ -740,9 +797,56 @@ impl Dovecot {
         }
     }
 
+    /// The `passdb` sections. Without OAuth2: one passwd-file per user. With OAuth2 (Dovecot
+    /// 2.3 `passdb { mechanisms = }`, doc.dovecot.org "Open Authentication v2.0 database"): the
+    /// oauth2 passdb for XOAUTH2/OAUTHBEARER only, the passwd-file for PLAIN/LOGIN and for
+    /// lookups without a mechanism (`none`: doveadm's userdb lookups, which `userdb static`
+    /// answers only for users that a passdb lookup knows).
+    fn render_passdbs(&self) -> String {
+        let d = self.root.display();
+        let passwd_file = format!("  args = scheme=PLAIN username_format=%u {d}/users/%u\n");
+        if self.options.oauth2_introspection_url.is_none() {
+            return format!("passdb {{\n  driver = passwd-file\n{passwd_file}}}\n");
+        }
+        format!(
+            "# No auth cache (Dovecot's default, made explicit): every login introspects its token,
+# so a revoked or expired token is refused at once.
+auth_cache_size = 0
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {conf}
+}}
+passdb {{
+  driver = passwd-file
+  mechanisms = plain login none
+{passwd_file}}}
+",
+            conf = self.oauth2_config_path().display()
+        )
+    }
+
+    /// `dovecot-oauth2.conf.ext` for [`DovecotOptions::oauth2_introspection_url`]: RFC 7662
+    /// introspection by POST (`token=<T>&client_id=&client_secret=`, see Dovecot 2.3.19
+    /// `src/lib-oauth2/oauth2-request.c`), the mailbox from `username`, refused unless
+    /// `active` is `true` (Dovecot compares the JSON value as text).
+    fn render_oauth2_config(url: &str) -> String {
+        format!(
+            "# Generated by tests/support/dovecot.rs (doc.dovecot.org, Open Authentication v2.0 database).
+introspection_mode = post
+introspection_url = {url}
+username_attribute = username
+active_attribute = active
+active_value = true
+timeout_msecs = 10000
+"
+        )
+    }
+
     fn render_config(&self, greeting_token: &str) -> String {
         let d = self.root.display();
         let o = &self.mail_owner;
+        let oauth2 = self.options.oauth2_introspection_url.is_some();
         let mut c = String::new();
         let _ = writeln!(
             c,
@@ -755,18 +859,14 @@ protocols = imap
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_verbose = yes
 login_greeting = {greeting_token}
 mail_location = maildir:~/Maildir
 mail_fsync = never
 first_valid_uid = {uid}
 first_valid_gid = {gid}
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {d}/users/%u
-}}
-userdb {{
+{passdbs}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={d}/mail/%u
 }}
@@ -783,6 +883,12 @@ service imap-login {{
             uid = o.uid,
             gid = o.gid,
             port = self.port,
+            mechanisms = if oauth2 {
+                "plain login xoauth2 oauthbearer"
+            } else {
+                "plain login"
+            },
+            passdbs = self.render_passdbs(),
         );
         if o.running_as_root {
             // Package users (dovecot/dovenull) when present, else `nobody`

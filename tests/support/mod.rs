@@ -1,5 +1,5 @@
 //! What the integration tests share: a real Dovecot (and, for the PostgreSQL state, a real
-//! PostgreSQL) per test, the fake SeaTable and Telegram
+//! PostgreSQL) per test, the fake SeaTable, Telegram and OAuth2
 //! servers, and the whole relay on top of them.
 //!
 //! Every test crate (and `benches/relay.rs`) includes it the same way and uses what it needs:
@@ -16,6 +16,7 @@ pub mod dovecot;
 #[allow(dead_code)]
 pub mod entities;
 pub mod imap_script;
+pub mod oauth2;
 pub mod postgres;
 pub mod replicas;
 pub mod seatable;

@@ -53,6 +53,9 @@ pub struct Tuning {
     pub reload_secs: u64,
     /// `telegram.default_country_code`, when set.
     pub default_country_code: Option<&'static str>,
+    /// The mailbox's `imap.accounts` entry, YAML indented by 6 spaces (e.g. an `oauth2:`
+    /// section); `None` for its password.
+    pub account: Option<String>,
 }
 
 impl Default for Tuning {
@@ -65,6 +68,7 @@ impl Default for Tuning {
             cache_ttl_secs: 60,
             reload_secs: 60,
             default_country_code: None,
+            account: None,
         }
     }
 }
@@ -122,6 +126,11 @@ impl Stack {
     /// Starts Dovecot with the mailbox user, the fake SeaTable with the default schema and one
     /// mailbox row, and the fake Telegram.
     pub async fn new() -> Self {
+        Self::with_dovecot(super::dovecot::DovecotOptions::default()).await
+    }
+
+    /// [`Stack::new`] with a Dovecot started with `options` (e.g. OAuth2 logins).
+    pub async fn with_dovecot(options: super::dovecot::DovecotOptions) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -129,7 +138,7 @@ impl Stack {
             )
             .with_test_writer()
             .try_init();
-        let dovecot = Dovecot::start().await.expect("Dovecot starts");
+        let dovecot = Dovecot::start_with(options).await.expect("Dovecot starts");
         dovecot.add_user(ADDRESS, PASSWORD).unwrap();
         let seatable = FakeSeaTable::start_with_default_schema(SEATABLE_TOKEN).await;
         seatable.set_rate_limit_per_minute(None);
@@ -245,7 +254,7 @@ imap:
   idle_renew_secs: 60
   accounts:
     "{address}":
-      password: "{password}"
+{account}
 delivery:
   concurrency: {concurrency}
   give_up_after_secs: 600
@@ -269,7 +278,10 @@ http:
             reload = tuning.reload_secs,
             imap_port = self.dovecot.port(),
             address = ADDRESS,
-            password = PASSWORD,
+            account = tuning
+                .account
+                .clone()
+                .unwrap_or_else(|| format!("      password: \"{PASSWORD}\"")),
             concurrency = tuning.concurrency,
         )
     }
