@@ -1,4 +1,4 @@
-//! Self-tests of the fake OAuth2 authorization server (`tests/support/oauth2.rs`) over real HTTP
+//! Self-tests of the fake OAuth2 authorization server (`tests/support/oauth2/`) over real HTTP
 //! (reqwest), and of Dovecot's `passdb oauth2` ([`DovecotOptions::oauth2_introspection_url`])
 //! driven by a raw IMAP client over a `tokio::net::TcpStream`.
 //!
@@ -215,6 +215,24 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+/// `grant_type=refresh_token&refresh_token=<token>` plus `extra`.
+fn refresh_params<'a>(
+    token: &'a str,
+    extra: &[(&'static str, &'a str)],
+) -> Vec<(&'static str, &'a str)> {
+    let mut params = vec![("grant_type", "refresh_token"), ("refresh_token", token)];
+    params.extend_from_slice(extra);
+    params
+}
+
+/// A refresh grant of `token` with the client's credentials in the body (`client_secret` only
+/// for a confidential client).
+async fn refresh_in_body(url: &str, token: &str, client_id: &str, secret: Option<&str>) -> Answer {
+    let mut auth = vec![("client_id", client_id)];
+    auth.extend(secret.map(|secret| ("client_secret", secret)));
+    post_form(url, &refresh_params(token, &auth)).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // /token: client authentication, request errors, refresh tokens
 // ---------------------------------------------------------------------------------------------
@@ -227,16 +245,7 @@ async fn refresh_grant_with_body_and_basic_client_auth() {
     idp.add_client("relay", Some(secret));
     let rt = idp.issue_refresh_token("relay", USER);
 
-    let body = post_form(
-        &idp.token_url(),
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &rt),
-            ("client_id", "relay"),
-            ("client_secret", secret),
-        ],
-    )
-    .await;
+    let body = refresh_in_body(&idp.token_url(), &rt, "relay", Some(secret)).await;
     body.assert_ok();
     assert_eq!(body.str("token_type"), "Bearer");
     assert_eq!(body.body["expires_in"], json!(3599));
@@ -250,13 +259,7 @@ async fn refresh_grant_with_body_and_basic_client_auth() {
     assert_eq!(at.len(), support::oauth2::DEFAULT_ACCESS_TOKEN_LEN);
     assert!(idp.is_access_token_active(at));
 
-    let basic = post_form_basic(
-        &idp.token_url(),
-        "relay",
-        secret,
-        &[("grant_type", "refresh_token"), ("refresh_token", &rt)],
-    )
-    .await;
+    let basic = post_form_basic(&idp.token_url(), "relay", secret, &refresh_params(&rt, &[])).await;
     basic.assert_ok();
     assert_ne!(
         basic.str("access_token"),
@@ -269,11 +272,7 @@ async fn refresh_grant_with_body_and_basic_client_auth() {
         &idp.token_url(),
         "relay",
         secret,
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &rt),
-            ("client_id", "relay"),
-        ],
+        &refresh_params(&rt, &[("client_id", "relay")]),
     )
     .await
     .assert_ok();
@@ -294,16 +293,6 @@ async fn refresh_grant_with_body_and_basic_client_auth() {
     // Debug is a summary: no secrets, no tokens.
     let debug = format!("{reqs:?}");
     assert!(!debug.contains(secret) && !debug.contains(&rt) && !debug.contains(at));
-}
-
-/// `grant_type=refresh_token&refresh_token=<token>` plus `extra`.
-fn refresh_params<'a>(
-    token: &'a str,
-    extra: &[(&'static str, &'a str)],
-) -> Vec<(&'static str, &'a str)> {
-    let mut params = vec![("grant_type", "refresh_token"), ("refresh_token", token)];
-    params.extend_from_slice(extra);
-    params
 }
 
 #[tokio::test]
@@ -459,15 +448,8 @@ async fn refresh_token_revocation_scope_and_rotation() {
     let rt = idp.issue_refresh_token_with_scope("relay", USER, "mail offline_access");
     let url = idp.token_url();
     let refresh = async |token: &str, scope: Option<&str>| {
-        let mut params = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", token),
-            ("client_id", "relay"),
-            ("client_secret", "s"),
-        ];
-        if let Some(scope) = scope {
-            params.push(("scope", scope));
-        }
+        let mut params = refresh_params(token, &[("client_id", "relay"), ("client_secret", "s")]);
+        params.extend(scope.map(|scope| ("scope", scope)));
         post_form(&url, &params).await
     };
 
@@ -518,16 +500,7 @@ async fn access_token_expiry_revocation_and_introspection() {
     idp.add_client("relay", Some("s"));
     idp.set_access_token_lifetime(1);
     let rt = idp.issue_refresh_token("relay", USER);
-    let got = post_form(
-        &idp.token_url(),
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &rt),
-            ("client_id", "relay"),
-            ("client_secret", "s"),
-        ],
-    )
-    .await;
+    let got = refresh_in_body(&idp.token_url(), &rt, "relay", Some("s")).await;
     let issued = Instant::now();
     got.assert_ok();
     assert_eq!(got.body["expires_in"], json!(1));
@@ -603,6 +576,21 @@ async fn poll(idp: &FakeOAuth2, client: &str, device_code: &str) -> Answer {
     .await
 }
 
+/// The `device_code` of a new device authorization of `client` (panics without one).
+async fn new_device_code(idp: &FakeOAuth2, client: &str, scope: &str) -> String {
+    device_code(idp, client, scope)
+        .await
+        .str("device_code")
+        .to_owned()
+}
+
+/// A poll that must be answered 400 `error` (RFC 8628 §3.5).
+async fn poll_error(idp: &FakeOAuth2, client: &str, device_code: &str, error: &str) {
+    poll(idp, client, device_code)
+        .await
+        .assert_error(400, error);
+}
+
 #[tokio::test]
 async fn device_flow_pending_then_approved() {
     let idp = FakeOAuth2::start().await;
@@ -655,9 +643,7 @@ async fn device_flow_pending_then_approved() {
     );
     // Used up.
     tokio::time::sleep_until(last + interval).await;
-    poll(&idp, "tv", &code)
-        .await
-        .assert_error(400, "invalid_grant");
+    poll_error(&idp, "tv", &code, "invalid_grant").await;
 
     let reqs = idp.requests();
     assert_eq!(reqs[0].endpoint, Endpoint::DeviceAuthorization);
@@ -684,8 +670,7 @@ async fn device_flow_slow_down_adds_five_seconds() {
     // Four device codes, issued together, polled on different schedules.
     let mut codes = Vec::new();
     for _ in 0..3 {
-        let dc = device_code(&idp, "tv", "mail").await;
-        codes.push(dc.str("device_code").to_owned());
+        codes.push(new_device_code(&idp, "tv", "mail").await);
     }
     // `d`: a busy server answers slow_down to its first poll although it kept the interval.
     idp.script_slow_down(1);
@@ -695,36 +680,29 @@ async fn device_flow_slow_down_adds_five_seconds() {
             username: USER.into(),
         },
     );
-    let dc = device_code(&idp, "tv", "mail").await;
-    codes.push(dc.str("device_code").to_owned());
+    codes.push(new_device_code(&idp, "tv", "mail").await);
     let t0 = Instant::now();
     let [a, b, c, d] = &codes[..] else {
         unreachable!()
     };
 
     // The first poll must also wait `interval` after the device authorization response.
-    poll(&idp, "tv", a).await.assert_error(400, "slow_down");
-    poll(&idp, "tv", b).await.assert_error(400, "slow_down");
+    poll_error(&idp, "tv", a, "slow_down").await;
+    poll_error(&idp, "tv", b, "slow_down").await;
     let b_polled = Instant::now();
     // `c` is polled on time: pending.
     tokio::time::sleep_until(t0 + Duration::from_secs(1) + MARGIN).await;
-    poll(&idp, "tv", c)
-        .await
-        .assert_error(400, "authorization_pending");
+    poll_error(&idp, "tv", c, "authorization_pending").await;
     // `a` after the old interval: still too soon, its interval is now 1 + 5 s.
-    poll(&idp, "tv", a).await.assert_error(400, "slow_down");
+    poll_error(&idp, "tv", a, "slow_down").await;
     // `d` kept the interval, and gets slow_down all the same.
-    poll(&idp, "tv", d).await.assert_error(400, "slow_down");
+    poll_error(&idp, "tv", d, "slow_down").await;
     let d_polled = Instant::now();
     // `b` after 6 s: on time again (exactly +5 s, not more).
     tokio::time::sleep_until(b_polled + Duration::from_secs(6) + MARGIN).await;
-    poll(&idp, "tv", b)
-        .await
-        .assert_error(400, "authorization_pending");
+    poll_error(&idp, "tv", b, "authorization_pending").await;
     // `c` still has its 1 s interval.
-    poll(&idp, "tv", c)
-        .await
-        .assert_error(400, "authorization_pending");
+    poll_error(&idp, "tv", c, "authorization_pending").await;
     // `d` 6 s after its slow_down: approved (the forced slow_down was no pending poll).
     tokio::time::sleep_until(d_polled + Duration::from_secs(6) + MARGIN).await;
     poll(&idp, "tv", d).await.assert_ok();
@@ -739,15 +717,9 @@ async fn device_flow_denied_expired_and_errors() {
     idp.set_device_interval(1);
 
     idp.script_device_flow(0, DeviceOutcome::Deny);
-    let denied = device_code(&idp, "tv", "mail")
-        .await
-        .str("device_code")
-        .to_owned();
+    let denied = new_device_code(&idp, "tv", "mail").await;
     idp.script_device_flow(1, DeviceOutcome::Expire);
-    let expiring = device_code(&idp, "tv", "mail")
-        .await
-        .str("device_code")
-        .to_owned();
+    let expiring = new_device_code(&idp, "tv", "mail").await;
     // Pending for good: `expired_token` once `expires_in` has passed.
     idp.script_device_flow(u32::MAX, DeviceOutcome::Deny);
     idp.set_device_code_lifetime(2);
@@ -757,39 +729,23 @@ async fn device_flow_denied_expired_and_errors() {
     let t0 = Instant::now();
 
     tokio::time::sleep_until(t0 + Duration::from_secs(1) + MARGIN).await;
-    poll(&idp, "tv", &denied)
-        .await
-        .assert_error(400, "access_denied");
-    poll(&idp, "tv", &expiring)
-        .await
-        .assert_error(400, "authorization_pending");
+    poll_error(&idp, "tv", &denied, "access_denied").await;
+    poll_error(&idp, "tv", &expiring, "authorization_pending").await;
     let expiring_polled = Instant::now();
-    poll(&idp, "tv", &short)
-        .await
-        .assert_error(400, "authorization_pending");
+    poll_error(&idp, "tv", &short, "authorization_pending").await;
     // Another client's device code, an unknown one.
-    poll(&idp, "other", &expiring)
-        .await
-        .assert_error(400, "invalid_grant");
-    poll(&idp, "tv", "dc.unknown")
-        .await
-        .assert_error(400, "invalid_grant");
+    poll_error(&idp, "other", &expiring, "invalid_grant").await;
+    poll_error(&idp, "tv", "dc.unknown", "invalid_grant").await;
 
     tokio::time::sleep_until(
         (t0 + Duration::from_secs(2)).max(expiring_polled + Duration::from_secs(1)) + MARGIN,
     )
     .await;
-    poll(&idp, "tv", &expiring)
-        .await
-        .assert_error(400, "expired_token");
-    poll(&idp, "tv", &short)
-        .await
-        .assert_error(400, "expired_token");
+    poll_error(&idp, "tv", &expiring, "expired_token").await;
+    poll_error(&idp, "tv", &short, "expired_token").await;
     // After a final answer, the device code is used up.
     tokio::time::sleep_until(t0 + Duration::from_secs(3) + MARGIN * 3).await;
-    poll(&idp, "tv", &denied)
-        .await
-        .assert_error(400, "invalid_grant");
+    poll_error(&idp, "tv", &denied, "invalid_grant").await;
 
     // The device authorization request itself.
     post_form(&idp.device_authorization_url(), &[("client_id", "tv")])
@@ -854,6 +810,41 @@ fn get<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// `/authorize` parameters of the client `desktop` asking for a code with PKCE (S256).
+fn code_request<'a>(
+    redirect_uri: &'a str,
+    scope: &'a str,
+    challenge: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("response_type", "code"),
+        ("client_id", "desktop"),
+        ("redirect_uri", redirect_uri),
+        ("scope", scope),
+        ("code_challenge", challenge),
+        ("code_challenge_method", "S256"),
+    ]
+}
+
+/// Redeems an authorization code of the client `desktop` (secret `s`) at `/token`, with a
+/// `code_verifier` when `Some`.
+async fn redeem(
+    idp: &FakeOAuth2,
+    code: &str,
+    redirect_uri: &str,
+    verifier: Option<&str>,
+) -> Answer {
+    let mut params = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("redirect_uri", redirect_uri),
+        ("client_id", "desktop"),
+        ("client_secret", "s"),
+    ];
+    params.extend(verifier.map(|verifier| ("code_verifier", verifier)));
+    post_form(&idp.token_url(), &params).await
+}
+
 #[tokio::test]
 async fn authorization_code_with_pkce() {
     let idp = FakeOAuth2::start().await;
@@ -861,36 +852,15 @@ async fn authorization_code_with_pkce() {
     idp.set_authorize_username(Some(USER));
     let redirect = "http://127.0.0.1:53682/callback";
     let (verifier, challenge) = pkce_pair();
-    let (status, query) = authorize(
-        &idp,
-        &[
-            ("response_type", "code"),
-            ("client_id", "desktop"),
-            ("redirect_uri", redirect),
-            ("scope", "https://mail.google.com/"),
-            ("state", "st-123"),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-            ("access_type", "offline"),
-        ],
-    )
-    .await;
+    let mut params = code_request(redirect, "https://mail.google.com/", &challenge);
+    params.extend([("state", "st-123"), ("access_type", "offline")]);
+    let (status, query) = authorize(&idp, &params).await;
     assert_eq!(status, 302);
     assert_eq!(get(&query, "state"), Some("st-123"));
     let code = get(&query, "code").expect("code").to_owned();
 
     let exchange = async |verifier: Option<&str>, redirect_uri: &str| {
-        let mut params = vec![
-            ("grant_type", "authorization_code"),
-            ("code", code.as_str()),
-            ("redirect_uri", redirect_uri),
-            ("client_id", "desktop"),
-            ("client_secret", "s"),
-        ];
-        if let Some(v) = verifier {
-            params.push(("code_verifier", v));
-        }
-        post_form(&idp.token_url(), &params).await
+        redeem(&idp, &code, redirect_uri, verifier).await
     };
     let (other_verifier, _) = pkce_pair();
     exchange(Some(&other_verifier), redirect)
@@ -928,30 +898,11 @@ async fn authorization_code_with_pkce() {
         ("https://mail.google.com/", Some("offline"), true),
     ] {
         let (verifier, challenge) = pkce_pair();
-        let mut params = vec![
-            ("response_type", "code"),
-            ("client_id", "desktop"),
-            ("redirect_uri", redirect),
-            ("scope", scope),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-        ];
-        if let Some(access_type) = access_type {
-            params.push(("access_type", access_type));
-        }
+        let mut params = code_request(redirect, scope, &challenge);
+        params.extend(access_type.map(|access_type| ("access_type", access_type)));
         let (_, query) = authorize(&idp, &params).await;
-        let a = post_form(
-            &idp.token_url(),
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", get(&query, "code").unwrap()),
-                ("redirect_uri", redirect),
-                ("code_verifier", &verifier),
-                ("client_id", "desktop"),
-                ("client_secret", "s"),
-            ],
-        )
-        .await;
+        let code = get(&query, "code").unwrap();
+        let a = redeem(&idp, code, redirect, Some(&verifier)).await;
         a.assert_ok();
         assert_eq!(a.body.get("refresh_token").is_some(), refresh, "{scope}");
     }
@@ -964,18 +915,9 @@ async fn authorization_endpoint_errors() {
     let (_, challenge) = pkce_pair();
     type Params = Vec<(&'static str, String)>;
     let base = |redirect: &str| -> Params {
-        [
-            ("response_type", "code"),
-            ("client_id", "desktop"),
-            ("redirect_uri", redirect),
-            ("scope", "mail"),
-            ("state", "s1"),
-            ("code_challenge", challenge.as_str()),
-            ("code_challenge_method", "S256"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k, v.to_owned()))
-        .collect()
+        let mut params = code_request(redirect, "mail", &challenge);
+        params.push(("state", "s1"));
+        params.into_iter().map(|(k, v)| (k, v.to_owned())).collect()
     };
     let without = |mut p: Params, key: &str| -> Params {
         p.retain(|(k, _)| *k != key);
@@ -1054,14 +996,20 @@ async fn client_credentials_app_only_token() {
     let idp = FakeOAuth2::start().await;
     idp.add_app("daemon", "app-secret", USER);
     idp.add_client("relay", Some("s"));
-    let a = post_form(
-        &idp.token_url(),
-        &[
+    let url = idp.token_url();
+    let grant = async |client_id: &str, secret: &str, scope: Option<&str>| {
+        let mut params = vec![
             ("grant_type", "client_credentials"),
-            ("client_id", "daemon"),
-            ("client_secret", "app-secret"),
-            ("scope", "https://outlook.office365.com/.default"),
-        ],
+            ("client_id", client_id),
+            ("client_secret", secret),
+        ];
+        params.extend(scope.map(|scope| ("scope", scope)));
+        post_form(&url, &params).await
+    };
+    let a = grant(
+        "daemon",
+        "app-secret",
+        Some("https://outlook.office365.com/.default"),
     )
     .await;
     a.assert_ok();
@@ -1079,26 +1027,12 @@ async fn client_credentials_app_only_token() {
     )
     .await
     .assert_ok();
-    post_form(
-        &idp.token_url(),
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "relay"),
-            ("client_secret", "s"),
-        ],
-    )
-    .await
-    .assert_error(400, "unauthorized_client");
-    post_form(
-        &idp.token_url(),
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", "daemon"),
-            ("client_secret", "wrong"),
-        ],
-    )
-    .await
-    .assert_error(401, "invalid_client");
+    grant("relay", "s", None)
+        .await
+        .assert_error(400, "unauthorized_client");
+    grant("daemon", "wrong", None)
+        .await
+        .assert_error(401, "invalid_client");
 }
 
 /// The service-account fixture, as a Google key file has it.
@@ -1258,18 +1192,8 @@ async fn wait_for_awaits_requests_and_times_out() {
     idp.add_client("relay", None);
     let rt = idp.issue_refresh_token("relay", USER);
     let url = idp.token_url();
-    let client = tokio::spawn(async move {
-        post_form(
-            &url,
-            &[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", &rt),
-                ("client_id", "relay"),
-            ],
-        )
-        .await
-        .status
-    });
+    let client =
+        tokio::spawn(async move { refresh_in_body(&url, &rt, "relay", None).await.status });
     idp.wait_for(
         |reqs| {
             reqs.iter()
@@ -1445,6 +1369,33 @@ async fn authenticate(imap: &mut Imap, mech: Mech, ir: &str, sasl_ir: bool) -> R
     imap.line().await
 }
 
+/// Connects from `source` and authenticates as `user` with `token`; returns the connection and
+/// the first line after the credentials.
+async fn start_login_from(
+    server: &Dovecot,
+    source: Ipv4Addr,
+    mech: Mech,
+    user: &str,
+    token: &str,
+    sasl_ir: bool,
+) -> Result<(Imap, String)> {
+    let mut imap = Imap::connect_from(server, source).await?;
+    let ir = mech.initial_response(user, token, server.port());
+    let first = authenticate(&mut imap, mech, &ir, sasl_ir).await?;
+    Ok((imap, first))
+}
+
+/// [`start_login_from`] a fresh source address.
+async fn start_login(
+    server: &Dovecot,
+    mech: Mech,
+    user: &str,
+    token: &str,
+    sasl_ir: bool,
+) -> Result<(Imap, String)> {
+    start_login_from(server, fresh_source(), mech, user, token, sasl_ir).await
+}
+
 /// Logs in and asserts Dovecot's exact success answer, then SELECTs INBOX.
 async fn login_ok(
     server: &Dovecot,
@@ -1453,9 +1404,7 @@ async fn login_ok(
     token: &str,
     sasl_ir: bool,
 ) -> Result<()> {
-    let mut imap = Imap::connect(server).await?;
-    let ir = mech.initial_response(user, token, server.port());
-    let done = authenticate(&mut imap, mech, &ir, sasl_ir).await?;
+    let (mut imap, done) = start_login(server, mech, user, token, sasl_ir).await?;
     ensure!(
         done.starts_with("a1 OK [CAPABILITY IMAP4rev1 ") && done.ends_with("] Logged in"),
         "{mech:?} sasl_ir={sasl_ir}: {:#?}",
@@ -1472,9 +1421,7 @@ async fn login_refused(
     token: &str,
     sasl_ir: bool,
 ) -> Result<()> {
-    let mut imap = Imap::connect(server).await?;
-    let ir = mech.initial_response(user, token, server.port());
-    let challenge = authenticate(&mut imap, mech, &ir, sasl_ir).await?;
+    let (mut imap, challenge) = start_login(server, mech, user, token, sasl_ir).await?;
     ensure!(
         challenge == mech.failure_challenge(),
         "{mech:?}: {:#?}",
@@ -1490,35 +1437,47 @@ async fn login_refused(
     Ok(())
 }
 
-async fn oauth2_dovecot(idp: &FakeOAuth2) -> Dovecot {
+/// Logs in while introspection fails and asserts Dovecot's temporary failure.
+async fn login_unavailable(server: &Dovecot, mech: Mech, user: &str, token: &str) -> Result<()> {
+    let (imap, no) = start_login(server, mech, user, token, true).await?;
+    ensure!(
+        no.starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure. ["),
+        "{:#?}",
+        imap.transcript
+    );
+    Ok(())
+}
+
+/// Dovecot with `passdb oauth2` against `introspection_url`, no `auth_failure_delay`, and the
+/// OAuth2 user [`USER`].
+async fn oauth2_dovecot(introspection_url: String) -> Result<Dovecot> {
     let server = Dovecot::start_with(DovecotOptions {
-        oauth2_introspection_url: Some(idp.introspection_url()),
+        oauth2_introspection_url: Some(introspection_url),
         extra_config: "auth_failure_delay = 0\n".into(),
         ..Default::default()
     })
-    .await
-    .expect("Dovecot starts");
-    server.add_oauth2_user(USER).unwrap();
-    server
+    .await?;
+    server.add_oauth2_user(USER)?;
+    Ok(server)
+}
+
+/// The fake with the confidential client `relay` (secret `s`), and an [`oauth2_dovecot`]
+/// that introspects there.
+async fn oauth2_stack() -> (FakeOAuth2, Dovecot) {
+    let idp = FakeOAuth2::start().await;
+    idp.add_client("relay", Some("s"));
+    let server = oauth2_dovecot(idp.introspection_url())
+        .await
+        .expect("Dovecot starts");
+    (idp, server)
 }
 
 #[tokio::test]
 async fn dovecot_accepts_xoauth2_and_oauthbearer() -> Result<()> {
-    let idp = FakeOAuth2::start().await;
-    idp.add_client("relay", Some("s"));
-    let server = oauth2_dovecot(&idp).await;
+    let (idp, server) = oauth2_stack().await;
     // A token the relay would get: through the refresh grant.
     let rt = idp.issue_refresh_token("relay", USER);
-    let got = post_form(
-        &idp.token_url(),
-        &[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", &rt),
-            ("client_id", "relay"),
-            ("client_secret", "s"),
-        ],
-    )
-    .await;
+    let got = refresh_in_body(&idp.token_url(), &rt, "relay", Some("s")).await;
     got.assert_ok();
     let token = got.str("access_token").to_owned();
     for mech in [Mech::XOAuth2, Mech::OAuthBearer] {
@@ -1553,9 +1512,7 @@ async fn dovecot_accepts_xoauth2_and_oauthbearer() -> Result<()> {
 
 #[tokio::test]
 async fn dovecot_refuses_revoked_expired_foreign_and_unknown_tokens() -> Result<()> {
-    let idp = FakeOAuth2::start().await;
-    idp.add_client("relay", Some("s"));
-    let server = oauth2_dovecot(&idp).await;
+    let (idp, server) = oauth2_stack().await;
     server.add_oauth2_user("other@test.local")?;
 
     let revoked = idp.issue_access_token("relay", USER);
@@ -1581,9 +1538,7 @@ async fn dovecot_refuses_revoked_expired_foreign_and_unknown_tokens() -> Result<
     )
     .await?;
     // `*` cancels at the challenge.
-    let mut imap = Imap::connect(&server).await?;
-    let ir = Mech::XOAuth2.initial_response(USER, &revoked, server.port());
-    authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
+    let (mut imap, _) = start_login(&server, Mech::XOAuth2, USER, &revoked, true).await?;
     imap.send("*").await?;
     let bad = imap.line().await?;
     ensure!(bad == "a1 BAD Authentication aborted by client.", "{bad}");
@@ -1597,49 +1552,25 @@ async fn dovecot_refuses_revoked_expired_foreign_and_unknown_tokens() -> Result<
 
 #[tokio::test]
 async fn dovecot_temporary_failure_when_introspection_fails_or_is_down() -> Result<()> {
-    let idp = FakeOAuth2::start().await;
-    idp.add_client("relay", Some("s"));
-    let server = oauth2_dovecot(&idp).await;
+    let (idp, server) = oauth2_stack().await;
     let token = idp.issue_access_token("relay", USER);
     idp.fail_introspection(true);
     for mech in [Mech::XOAuth2, Mech::OAuthBearer] {
-        let mut imap = Imap::connect(&server).await?;
-        let ir = mech.initial_response(USER, &token, server.port());
-        let no = authenticate(&mut imap, mech, &ir, true).await?;
-        ensure!(
-            no.starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure. ["),
-            "{:#?}",
-            imap.transcript
-        );
+        login_unavailable(&server, mech, USER, &token).await?;
     }
     idp.fail_introspection(false);
     login_ok(&server, Mech::XOAuth2, USER, &token, true).await?;
 
     // Nothing listens at the introspection URL: the same temporary failure.
     let closed = support::dovecot::free_port()?;
-    let unreachable = Dovecot::start_with(DovecotOptions {
-        oauth2_introspection_url: Some(format!("http://127.0.0.1:{closed}/introspect")),
-        extra_config: "auth_failure_delay = 0\n".into(),
-        ..Default::default()
-    })
-    .await?;
-    unreachable.add_oauth2_user(USER)?;
-    let mut imap = Imap::connect(&unreachable).await?;
-    let ir = Mech::XOAuth2.initial_response(USER, &token, unreachable.port());
-    let no = authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
-    ensure!(
-        no.starts_with("a1 NO [UNAVAILABLE] Temporary authentication failure. ["),
-        "{:#?}",
-        imap.transcript
-    );
+    let unreachable = oauth2_dovecot(format!("http://127.0.0.1:{closed}/introspect")).await?;
+    login_unavailable(&unreachable, Mech::XOAuth2, USER, &token).await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn dovecot_keeps_password_users_and_doveadm_working() -> Result<()> {
-    let idp = FakeOAuth2::start().await;
-    idp.add_client("relay", Some("s"));
-    let server = oauth2_dovecot(&idp).await;
+    let (idp, server) = oauth2_stack().await;
     server.add_user("plain@test.local", "pw")?;
     let token = idp.issue_access_token("relay", USER);
 
@@ -1676,9 +1607,7 @@ async fn dovecot_keeps_password_users_and_doveadm_working() -> Result<()> {
         .save(USER, "INBOX", &support::dovecot::message("saved"))
         .await?;
     assert_eq!(server.uids(USER, "INBOX").await?, [uid, saved]);
-    let mut imap = Imap::connect(&server).await?;
-    let ir = Mech::XOAuth2.initial_response(USER, &token, server.port());
-    authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
+    let (mut imap, _) = start_login(&server, Mech::XOAuth2, USER, &token, true).await?;
     imap.select_inbox().await?;
     assert!(server.kick(USER).await?, "the OAuth2 session was kicked");
     imap.send("i1 NOOP").await.ok();
@@ -1693,23 +1622,18 @@ async fn dovecot_keeps_password_users_and_doveadm_working() -> Result<()> {
 
 #[tokio::test]
 async fn dovecot_auth_penalty_delays_the_next_login_from_the_same_ip() -> Result<()> {
-    let idp = FakeOAuth2::start().await;
-    idp.add_client("relay", Some("s"));
-    let server = oauth2_dovecot(&idp).await;
+    let (idp, server) = oauth2_stack().await;
     let source = fresh_source();
     let rejected = "at.rejected";
-    let mut imap = Imap::connect_from(&server, source).await?;
-    let ir = Mech::XOAuth2.initial_response(USER, rejected, server.port());
-    authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
+    let (mut imap, _) =
+        start_login_from(&server, source, Mech::XOAuth2, USER, rejected, true).await?;
     imap.send("").await?;
     imap.line().await?;
 
     // The relay refreshes and logs in again at once, from the same address.
     let token = idp.issue_access_token("relay", USER);
     let started = Instant::now();
-    let mut imap = Imap::connect_from(&server, source).await?;
-    let ir = Mech::XOAuth2.initial_response(USER, &token, server.port());
-    let ok = authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
+    let (_imap, ok) = start_login_from(&server, source, Mech::XOAuth2, USER, &token, true).await?;
     let waited = started.elapsed();
     ensure!(ok.starts_with("a1 OK "), "{ok}");
     ensure!(
@@ -1738,11 +1662,9 @@ async fn dovecot_without_the_option_has_no_oauth2() -> Result<()> {
     );
     ensure!(!config.contains("oauth2"), "{config}");
     ensure!(!server.oauth2_config_path().exists());
-    let mut imap = Imap::connect(&server).await?;
+    let (mut imap, no) = start_login(&server, Mech::XOAuth2, USER, "at.x", true).await?;
     let greeting = imap.transcript[0].clone();
     ensure!(!greeting.contains("XOAUTH2"), "{greeting}");
-    let ir = Mech::XOAuth2.initial_response(USER, "at.x", server.port());
-    let no = authenticate(&mut imap, Mech::XOAuth2, &ir, true).await?;
     ensure!(
         no == "a1 NO [ALERT] Unsupported authentication mechanism.",
         "{no}"

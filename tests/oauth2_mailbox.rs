@@ -1,6 +1,6 @@
 //! OAuth2 mailboxes end to end: the relay logs in to a real Dovecot whose `passdb oauth2`
 //! checks every bearer token against the fake authorization server's introspection endpoint
-//! (`tests/support/oauth2.rs`), gets its tokens from that server's token endpoint, and relays a
+//! (`tests/support/oauth2/`), gets its tokens from that server's token endpoint, and relays a
 //! report to the fake Telegram. Covers each SASL mechanism and grant, expiry, rotation across a
 //! restart, `invalid_grant`, `oauth login` (device flow and loopback redirect), `check`, and
 //! that no token or secret reaches the logs.
@@ -95,6 +95,26 @@ async fn relay_one(stack: &Stack, subject: &str, n: usize) {
     stack.wait_for_sends(&[ANN], n, WAIT).await;
 }
 
+/// Waits until the first access token the relay got has expired, then has Dovecot kick the
+/// session and waits until the watcher logged in again and caught up.
+async fn expire_and_kick(idp: &FakeOAuth2, stack: &Stack) {
+    let first = token_requests(idp, "refresh_token")[0]
+        .access_token_issued
+        .clone()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while idp.is_access_token_active(&first) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the token never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kicked = std::time::SystemTime::now();
+    assert!(stack.dovecot.kick(ADDRESS).await.unwrap());
+    stack.wait_caught_up_since(kicked).await;
+}
+
 struct Mechanism {
     config: &'static str,
     dovecot: &'static str,
@@ -145,6 +165,32 @@ async fn oauthbearer_logs_in_and_relays() {
         dovecot: "OAUTHBEARER",
     })
     .await;
+}
+
+/// A mailbox row names its credentials with `imap_account`: an `imap.accounts` entry that is
+/// not its address, so the client secret stays in the config.
+#[tokio::test]
+async fn a_row_names_its_oauth2_account_with_imap_account() {
+    let (idp, stack) = oauth_stack().await;
+    let refresh = idp.issue_refresh_token(CLIENT, ADDRESS);
+    stack.seatable.update_row(
+        "mailboxes",
+        &stack.mailbox_row,
+        serde_json::json!({"imap_account": "bi-app"}),
+    );
+    let tuning = tuning(refresh_account(&idp, &refresh, "xoauth2"));
+    let text = std::fs::read_to_string(stack.write_config(&tuning))
+        .unwrap()
+        .replace(&format!("\"{ADDRESS}\":"), "\"bi-app\":");
+    assert!(text.contains("\"bi-app\":"), "{text}");
+    let config = stack.dir.path().join("named-account.yaml");
+    std::fs::write(&config, text).unwrap();
+    let mut relay = stack.spawn_with_config(&config);
+    stack.wait_ready(1).await;
+    relay_one(&stack, "Named account", 1).await;
+    assert_eq!(token_requests(&idp, "refresh_token").len(), 1);
+    relay.kill().unwrap();
+    relay.wait().unwrap();
 }
 
 /// Microsoft's app-only grant and Google's service accounts: no refresh token at all.
@@ -210,21 +256,7 @@ async fn an_expired_token_is_refreshed_when_the_watcher_logs_in_again() {
         1,
     )
     .await;
-    let first = token_requests(&idp, "refresh_token")[0]
-        .access_token_issued
-        .clone()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while idp.is_access_token_active(&first) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the token never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let kicked = std::time::SystemTime::now();
-    assert!(stack.dovecot.kick(ADDRESS).await.unwrap());
-    stack.wait_caught_up_since(kicked).await;
+    expire_and_kick(&idp, &stack).await;
     relay_one(&stack, "After expiry", 2).await;
     let refreshes = token_requests(&idp, "refresh_token");
     assert!(refreshes.iter().all(TokenRequest::is_ok), "{refreshes:?}");
@@ -409,10 +441,19 @@ async fn oauth_login_honours_slow_down_and_names_a_denial_or_an_expiry() {
     );
 }
 
+/// Where the person's browser runs in a loopback login.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Browser {
+    /// On the relay's host (or with the port forwarded): the redirect reaches the command.
+    SameMachine,
+    /// Elsewhere: the redirect fails there, and the person pastes its address.
+    Elsewhere,
+}
+
 /// Google's way: the loopback redirect flow with PKCE. The test plays the browser: it opens
-/// the printed URL, the fake authorizes at once and redirects to the command's listener.
-#[tokio::test]
-async fn oauth_login_by_loopback_redirect_stores_a_refresh_token_the_relay_uses() {
+/// the printed URL, the fake authorizes at once and redirects to the command's listener, or
+/// the test pastes the redirect's address into the command's standard input.
+async fn loopback_login(browser: Browser) {
     let (idp, stack) = oauth_stack().await;
     idp.set_authorize_username(Some(ADDRESS));
     let loopback = format!(
@@ -457,9 +498,25 @@ async fn oauth_login_by_loopback_redirect_stores_a_refresh_token_the_relay_uses(
         .expect("the command prints the authorization URL")
         .unwrap();
     assert!(url.contains("code_challenge_method=S256"), "{url}");
-    let page = reqwest::get(&url).await.unwrap();
-    assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("signed in"));
+    match browser {
+        Browser::SameMachine => {
+            let page = reqwest::get(&url).await.unwrap();
+            assert_eq!(page.status(), 200);
+            assert!(page.text().await.unwrap().contains("signed in"));
+        }
+        Browser::Elsewhere => {
+            let no_redirects = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap();
+            let answer = no_redirects.get(&url).send().await.unwrap();
+            assert_eq!(answer.status(), 302);
+            let location = answer.headers()["location"].to_str().unwrap().to_owned();
+            let mut stdin = child.stdin.take().unwrap();
+            use std::io::Write;
+            writeln!(stdin, "{location}").unwrap();
+        }
+    }
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
@@ -474,6 +531,16 @@ async fn oauth_login_by_loopback_redirect_stores_a_refresh_token_the_relay_uses(
     // No refresh token in the config: the stored one logs in.
     let relay = start_and_relay(&stack, &tuning, "After a loopback login", 1).await;
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn oauth_login_by_loopback_redirect_on_the_same_machine() {
+    loopback_login(Browser::SameMachine).await;
+}
+
+#[tokio::test]
+async fn oauth_login_by_loopback_redirect_pasted_from_elsewhere() {
+    loopback_login(Browser::Elsewhere).await;
 }
 
 /// The authorization endpoint's URL prefix, read back from the config the command uses.
@@ -542,23 +609,8 @@ async fn no_token_or_secret_reaches_the_log_at_any_level() {
         .unwrap();
     stack.wait_ready(1).await;
     relay_one(&stack, "Logged at trace", 1).await;
-    // Let the access token expire, then make the watcher log in again: a refresh with
-    // rotation, and a second SASL exchange.
-    let first = token_requests(&idp, "refresh_token")[0]
-        .access_token_issued
-        .clone()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while idp.is_access_token_active(&first) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the token never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let kicked = std::time::SystemTime::now();
-    stack.dovecot.kick(ADDRESS).await.unwrap();
-    stack.wait_caught_up_since(kicked).await;
+    // A refresh with rotation, and a second SASL exchange.
+    expire_and_kick(&idp, &stack).await;
     child.kill().unwrap();
     child.wait().unwrap();
 

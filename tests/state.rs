@@ -153,31 +153,27 @@ async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
             .unwrap()
             .is_none()
     );
-    let first = SecretString::from("1.refresh-first");
-    state
-        .store_refresh_token("BI@company.com", "app-1", &first)
-        .await
-        .unwrap();
-    let stored = state
-        .refresh_token("bi@company.com")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.client_id, "app-1");
-    assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-first");
-    // Rotation replaces it, for the same or another client.
-    let second = SecretString::from("1.refresh-second");
-    state
-        .store_refresh_token("bi@company.com", "app-2", &second)
-        .await
-        .unwrap();
-    let stored = state
-        .refresh_token("Bi@Company.com")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.client_id, "app-2");
-    assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-second");
+    // Stored, then replaced by rotation, for the same or another client; names match
+    // case-insensitively.
+    let mut stored = None;
+    for (name, client, token) in [
+        ("BI@company.com", "app-1", "1.refresh-first"),
+        ("bi@company.com", "app-2", "1.refresh-second"),
+    ] {
+        state
+            .store_refresh_token(name, client, &SecretString::from(token))
+            .await
+            .unwrap();
+        let read = state
+            .refresh_token("Bi@Company.com")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.client_id, client);
+        assert_eq!(read.refresh_token.expose_secret(), token);
+        stored = Some(read);
+    }
+    let stored = stored.unwrap();
     assert!(
         state
             .refresh_token("other@company.com")

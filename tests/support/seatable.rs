@@ -492,7 +492,8 @@ impl FakeSeaTable {
     /// * `users`: `Name` text, `phone` text, `mailboxes` link → mailboxes, `id_telegram` text;
     /// * `mailboxes`: `Name`, `email`, `description` text, `users` link (the other side of
     ///   `users.mailboxes`), `t_chats` link → t_chats, `last_uid`, `imap_host` text,
-    ///   `imap_port` number, `imap_login`, `imap_password`, `folder`, `allowed_senders` text,
+    ///   `imap_port` number, `imap_login`, `imap_password`, `imap_account`, `folder`,
+    ///   `allowed_senders` text,
     ///   `disabled` checkbox;
     /// * `t_chats`: `Name` text, `id_telegram_chat` text, `is_locked` checkbox, `mailboxes` link
     ///   (the other side of `mailboxes.t_chats`).
@@ -520,6 +521,7 @@ impl FakeSeaTable {
             ("imap_port", Number),
             ("imap_login", Text),
             ("imap_password", Text),
+            ("imap_account", Text),
             ("folder", Text),
             ("allowed_senders", Text),
             ("disabled", Checkbox),
