@@ -433,13 +433,25 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
     fn log_failure(&self, error: &SessionError, chain: &str, delay: Duration) {
         let retry_in_secs = delay.as_secs_f64();
         match error {
+            SessionError::Auth {
+                mechanism,
+                source: AuthError::Credentials(_),
+            } => error!(
+                reason = "credentials",
+                mechanism,
+                login = %self.settings.login,
+                error = %chain,
+                retry_in_secs,
+                "No credentials to log in with (for OAuth2: the token endpoint); retrying later."
+            ),
             SessionError::Auth { mechanism, .. } => error!(
                 reason = "auth",
                 mechanism,
                 login = %self.settings.login,
                 error = %chain,
                 retry_in_secs,
-                "Authentication failed; check the mailbox login and password. Retrying later."
+                "Authentication failed; check the mailbox login and its password or OAuth2 \
+                 account. Retrying later."
             ),
             SessionError::Bye { step, text } => warn!(
                 reason = "bye",

@@ -390,7 +390,8 @@ async fn a_wrong_password_backs_off_with_an_authentication_error() {
         .unwrap();
     assert!(auth_line.contains("ERROR"), "{auth_line}");
     assert!(
-        auth_line.contains("Authentication failed; check the mailbox login and password."),
+        auth_line
+            .contains("Authentication failed; check the mailbox login and its password or OAuth2"),
         "{auth_line}"
     );
     assert!(

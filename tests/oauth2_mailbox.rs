@@ -358,6 +358,7 @@ async fn invalid_grant_backs_off_until_oauth_login_stores_a_new_refresh_token() 
         "{out}"
     );
     assert!(out.contains("Stored the refresh token"), "{out}");
+    eprintln!("oauth login printed:\n{out}");
     let polls: Vec<TokenRequest> =
         token_requests(&idp, "urn:ietf:params:oauth:grant-type:device_code");
     let outcomes: Vec<&str> = polls.iter().map(|p| p.outcome.as_str()).collect();
@@ -620,6 +621,9 @@ async fn no_token_or_secret_reaches_the_log_at_any_level() {
         "trace logging is on: {} bytes",
         log.len()
     );
+    for line in log.lines().filter(|l| l.contains("refresh token")) {
+        eprintln!("relay log: {line}");
+    }
     let mut secrets = vec![SECRET.to_owned(), refresh.clone()];
     for request in idp.requests() {
         secrets.extend(request.access_token_issued.clone());
