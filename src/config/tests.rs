@@ -237,7 +237,10 @@ fn an_oauth2_account_gets_its_providers_endpoints_and_hides_its_secrets() {
          mechanism: oauthbearer\n",
     ))
     .unwrap();
-    let oauth2 = google.imap.accounts["bi@company.com"].oauth2.clone().unwrap();
+    let oauth2 = google.imap.accounts["bi@company.com"]
+        .oauth2
+        .clone()
+        .unwrap();
     assert_eq!(oauth2.mechanism, SaslMechanism::OAuthBearer);
     let endpoints = oauth2.endpoints();
     assert_eq!(endpoints.token_url, "https://oauth2.googleapis.com/token");
