@@ -53,6 +53,8 @@ pub struct Tuning {
     pub reload_secs: u64,
     /// `telegram.default_country_code`, when set.
     pub default_country_code: Option<&'static str>,
+    /// More `http:` keys (indented by two spaces), e.g. `tls:` or `api_tokens:`.
+    pub http_extra: String,
 }
 
 impl Default for Tuning {
@@ -65,6 +67,7 @@ impl Default for Tuning {
             cache_ttl_secs: 60,
             reload_secs: 60,
             default_country_code: None,
+            http_extra: String::new(),
         }
     }
 }
@@ -253,6 +256,7 @@ state:
 {state}
 http:
   listen: "127.0.0.1:{http_port}"
+{http_extra}
 "#,
             country_code = tuning
                 .default_country_code
@@ -271,6 +275,7 @@ http:
             address = ADDRESS,
             password = PASSWORD,
             concurrency = tuning.concurrency,
+            http_extra = tuning.http_extra,
         )
     }
 
@@ -305,6 +310,46 @@ http:
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap()
+    }
+
+    /// Runs `report-relay run` as a child process with its stderr written to `log` and
+    /// `RUST_LOG=rust_log` (for tests that read what it logs).
+    pub fn spawn_binary_logging(&self, tuning: &Tuning, log: &Path, rust_log: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_report-relay"))
+            .args(["run", "--config"])
+            .arg(self.write_config(tuning))
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The relay's base URL, `http://127.0.0.1:<http_port>`.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Gives the stack's mailbox row a `webhook_token` (adding the optional column first).
+    pub fn set_webhook_token(&self, token: &str) {
+        if !self
+            .seatable
+            .column_names("mailboxes")
+            .iter()
+            .any(|c| c == "webhook_token")
+        {
+            self.seatable.add_column(
+                "mailboxes",
+                "webhook_token",
+                super::seatable::ColumnType::Text,
+            );
+        }
+        self.seatable.update_row(
+            "mailboxes",
+            &self.mailbox_row,
+            json!({ "webhook_token": token }),
+        );
     }
 
     /// GET /readyz: the status code and JSON body (None while nothing listens).
