@@ -55,8 +55,8 @@ pub struct TlsFiles {
 pub struct ApiToken {
     /// Who the token belongs to, for the logs and `Idempotency-Key` scoping (never the token).
     pub name: String,
-    /// SHA-256 of the token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`, or
-    /// `report-relay api-token new`): the config never holds the token itself.
+    /// SHA-256 of the token, 64 hex digits (`printf %s "$TOKEN" | sha256sum`): the config
+    /// never holds the token itself.
     pub sha256: String,
     /// The mailbox addresses (`mailboxes.email`) this token may send to.
     pub mailboxes: Vec<String>,

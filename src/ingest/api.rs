@@ -79,12 +79,10 @@ impl Clients {
     /// 401 without a known bearer token, 429 (with `Retry-After`) beyond its rate limit.
     fn authenticate(&self, headers: &HeaderMap) -> Result<&Client, ApiError> {
         let unauthorized = || {
-            let mut error = ApiError::new(
+            ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "a valid Authorization: Bearer <token> header is required",
-            );
-            error.retry_after = None;
-            error
+            )
         };
         let presented = headers
             .get(header::AUTHORIZATION)
@@ -133,7 +131,7 @@ impl Clients {
 impl Client {
     fn may_address(&self, mailbox: &str) -> bool {
         let mailbox = mailbox.trim().to_ascii_lowercase();
-        self.mailboxes.iter().any(|m| *m == mailbox)
+        self.mailboxes.contains(&mailbox)
     }
 }
 
