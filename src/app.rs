@@ -145,10 +145,21 @@ pub async fn run_reloading(
 
     let watchers = Watchers::new(directory.clone(), config.imap.idle_renew_secs);
     let listener = crate::http::bind(config.http.listen).await?;
+    let tls = match &config.http.tls {
+        Some(files) => Some(crate::http::tls::ReloadingCert::load(files)?),
+        None => None,
+    };
+    // The ingest endpoints answer 503 until the relay exists (the directory has loaded).
+    let ingest = crate::ingest::Ingest::new(
+        &config.http,
+        directory.clone(),
+        state.clone(),
+        metrics.clone(),
+    );
     let http = tokio::spawn(crate::http::serve(
         listener,
-        watchers.clone(),
-        metrics.clone(),
+        crate::http::router(watchers.clone(), metrics.clone()).merge(ingest.router()),
+        tls,
         cancel.clone(),
     ));
 
@@ -271,6 +282,7 @@ pub async fn run_reloading(
         Relay::new(handles, RelaySettings::new(&config), wake, Some(last_uid))
             .leased(replica.clone()),
     );
+    ingest.set_relay(relay.clone());
     let registrar = crate::bot::Registrar::new(
         directory.clone(),
         statuses.clone(),

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
@@ -22,9 +21,11 @@ use serde_norway::Value;
 use serde_with::{DisplayFromStr, serde_as};
 
 mod env;
+mod http;
 mod oauth2;
 
 pub use self::env::expand_vars;
+pub use self::http::{ApiToken, HttpConfig, TlsFiles};
 pub use self::oauth2::{
     Endpoints, GOOGLE_SCOPE, Grant, MICROSOFT_APP_SCOPE, MICROSOFT_SCOPE, OAuth2Account, Provider,
     SaslMechanism,
@@ -484,25 +485,6 @@ impl Default for StateConfig {
     }
 }
 
-/// `http:`.
-#[serde_as]
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of the `/healthz`, `/readyz` and `/metrics` listener.
-    #[serde_as(as = "DisplayFromStr")]
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-        }
-    }
-}
-
 fn default_api_url() -> String {
     "https://api.telegram.org".to_owned()
 }
@@ -556,9 +538,6 @@ fn default_lease_secs() -> u64 {
 }
 fn default_state_path() -> PathBuf {
     PathBuf::from("/var/lib/report-relay/state.db")
-}
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 impl Config {
@@ -623,6 +602,7 @@ impl Config {
             .validate()
             .map_err(|(key, message)| (key.to_owned(), message))
             .and_then(|()| config.validate_accounts())
+            .and_then(|()| config.http.validate())
             .map_err(|(key, message)| ConfigError::Key {
                 file: file.to_owned(),
                 key,

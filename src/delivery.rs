@@ -46,7 +46,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::TelegramLimits;
 use crate::metrics::Metrics;
 use crate::report::render::{ItemKind, Method};
-use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, State};
+use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, Source, State};
 
 mod admission;
 mod classify;
@@ -403,12 +403,19 @@ impl Inner {
                 let latency = SystemTime::now()
                     .duration_since(row.received_at)
                     .unwrap_or_default();
+                if row.source == Source::Imap {
+                    self.metrics
+                        .append_to_send_seconds
+                        .observe(latency.as_secs_f64());
+                }
                 self.metrics
-                    .append_to_send_seconds
+                    .ingest_to_send_seconds
+                    .get_or_create(&vec![("source", row.source.as_str().to_owned())])
                     .observe(latency.as_secs_f64());
                 info!(
                     chat_id,
                     method = method.as_str(),
+                    source = row.source.as_str(),
                     latency_ms = latency.as_millis() as u64,
                     "Sent."
                 );

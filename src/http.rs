@@ -1,4 +1,9 @@
-//! The HTTP endpoints: `GET /healthz`, `GET /readyz` and `GET /metrics` (interface.md "HTTP").
+//! The HTTP listener and its health endpoints: `GET /healthz`, `GET /readyz` and `GET /metrics`
+//! (interface.md "HTTP"), over plain HTTP or TLS ([`tls`], `http.tls`). The ingest endpoints
+//! (`/ingest/superset/{token}`, `/api/v1/…`) are [`crate::ingest`]'s router, merged in by the
+//! composition root.
+
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -181,21 +186,39 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener>
         .map_err(|e| anyhow::anyhow!("Cannot listen on {listen} (http.listen): {e}"))
 }
 
-/// Serves the endpoints on `listener` (from [`bind`]) until `cancel` fires.
+/// Serves `app` on `listener` (from [`bind`]) until `cancel` fires: plain HTTP, or TLS with
+/// `tls`'s certificate (reloaded on SIGHUP and when its files change).
 ///
 /// # Errors
 /// The server failed while running.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    health: Arc<dyn HealthSource>,
-    metrics: Arc<Metrics>,
+    app: Router,
+    tls: Option<Arc<tls::ReloadingCert>>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let listen = listener.local_addr()?;
-    tracing::info!(%listen, "Serving /healthz, /readyz and /metrics.");
-    axum::serve(listener, router(health, metrics))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await?;
+    let shutdown = {
+        let cancel = cancel.clone();
+        async move { cancel.cancelled().await }
+    };
+    match tls {
+        None => {
+            tracing::info!(%listen, "Serving HTTP: /healthz, /readyz, /metrics, the ingest endpoints.");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+        Some(cert) => {
+            tracing::info!(%listen, "Serving HTTPS: /healthz, /readyz, /metrics, the ingest endpoints.");
+            let config = cert.server_config()?;
+            tokio::spawn(cert.watch(cancel.clone()));
+            let listener = tls::TlsListener::new(listener, config, cancel.clone())?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }
 

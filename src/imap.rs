@@ -646,7 +646,10 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             let bytes = message.raw.len();
             self.metrics
                 .reports_received
-                .get_or_create(&vec![("mailbox", self.settings.address.clone())])
+                .get_or_create(&vec![
+                    ("mailbox", self.settings.address.clone()),
+                    ("source", "imap".to_owned()),
+                ])
                 .inc();
             cancellable(
                 cancel,

@@ -12,6 +12,9 @@
 //! - [`oauth2`]: access tokens for OAuth2 mailboxes (refresh, client credentials, service
 //!   accounts), refreshed one at a time per account, rotated refresh tokens kept in the state;
 //!   `oauth login` (device flow, loopback redirect) in `oauth2/login.rs`.
+//! - [`ingest`]: the other way in, over HTTP: Superset's webhook (`ingest/superset.rs`, routed
+//!   by a mailbox row's `webhook_token`) and the authenticated send API (`ingest/api.rs`), both
+//!   handing a [`report::Report`] to the relay's sink.
 //! - [`relay`]: the watcher's sink: [`report::Report::parse`], the sender filter,
 //!   [`report::render`]'s plan, the recipients from [`directory`], and one transaction in
 //!   [`state`] (message, outbox rows, checkpoint), on SQLite or PostgreSQL.
@@ -25,7 +28,7 @@
 //! Around them: [`config`] (`config.yaml`), [`seatable`] (REST client: token, rows, errors,
 //! metadata) and [`schema`] (`seatable-schema/`), [`directory`] (cached snapshot, its model,
 //! the SeaTable backend that owns every SeaTable write, migrations, chat statuses), [`http`]
-//! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`app`] (composition root), [`cli`] and
+//! (`/healthz`, `/readyz`, `/metrics`, TLS in `http/tls.rs`), [`metrics`], [`app`] (composition root), [`cli`] and
 //! [`replay`] (the command line).
 
 #![forbid(unsafe_code)]
@@ -39,6 +42,7 @@ pub mod delivery;
 pub mod directory;
 pub mod http;
 pub mod imap;
+pub mod ingest;
 pub mod metrics;
 pub mod oauth2;
 pub mod relay;

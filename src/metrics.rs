@@ -16,10 +16,13 @@ pub type Labels = Vec<(&'static str, String)>;
 /// Every metric the relay exports.
 pub struct Metrics {
     registry: Registry,
-    /// `report_relay_reports_received_total{mailbox}`: messages fetched from a mailbox.
+    /// `report_relay_reports_received_total{mailbox,source}`: messages fetched from a mailbox
+    /// (`source="imap"`) or received over HTTP (`superset_webhook`, `api`; counted once the
+    /// route is known, before the body is read).
     pub reports_received: Family<Labels, Counter>,
-    /// `report_relay_reports_acknowledged_total{mailbox,outcome}`: messages stored durably and
-    /// checkpointed; outcome is `queued`, `skipped`, `filtered` or `failed`.
+    /// `report_relay_reports_acknowledged_total{mailbox,outcome,source}`: messages stored
+    /// durably (and checkpointed); outcome is `queued`, `skipped`, `filtered` or `failed`,
+    /// source `imap`, `superset_webhook` or `api`.
     pub reports_acknowledged: Family<Labels, Counter>,
     /// `report_relay_sends_total{method,result}`: Bot API sends by method and final result
     /// (`ok`, `failed`, `permanent`).
@@ -31,6 +34,10 @@ pub struct Metrics {
     /// `report_relay_append_to_send_seconds`: from the message's arrival in the mailbox (IMAP
     /// INTERNALDATE, else the acknowledgement) to Telegram accepting a send.
     pub append_to_send_seconds: Histogram,
+    /// `report_relay_ingest_to_send_seconds{source}`: from a report's arrival (the mailbox's
+    /// INTERNALDATE for `imap`, the HTTP request for `superset_webhook` and `api`) to Telegram
+    /// accepting a send, by ingest path.
+    pub ingest_to_send_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     /// `report_relay_seatable_requests_total{status}`: SeaTable HTTP requests by status code
     /// (`error` for network failures).
     pub seatable_requests: Family<Labels, Counter>,
@@ -109,6 +116,18 @@ impl Metrics {
             "Seconds from a message's arrival in the mailbox to Telegram accepting a send",
             append_to_send_seconds.clone(),
         );
+        let ingest_to_send_seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    1800.0,
+                ])
+            });
+        registry.register(
+            "ingest_to_send_seconds",
+            "Seconds from a report's arrival (mailbox or HTTP request) to Telegram accepting a send, by source",
+            ingest_to_send_seconds.clone(),
+        );
         let seatable_requests = Family::<Labels, Counter>::default();
         registry.register(
             "seatable_requests",
@@ -141,6 +160,7 @@ impl Metrics {
             outbox_depth,
             watcher_state,
             append_to_send_seconds,
+            ingest_to_send_seconds,
             seatable_requests,
             telegram_requests,
             directory_age_seconds,

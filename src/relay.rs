@@ -1,7 +1,9 @@
 //! What happens to one fetched message: parse, check the sender, plan, resolve recipients, and
-//! acknowledge it durably (message, outbox rows and checkpoint in one SQLite transaction).
+//! acknowledge it durably (message, outbox rows and checkpoint in one state transaction).
 //!
-//! This is the watcher's [`crate::imap::MessageSink`] and the engine of `replay --mailbox`.
+//! This is the watcher's [`crate::imap::MessageSink`], the engine of `replay --mailbox`, and
+//! where the HTTP ingest ([`crate::ingest`]) hands its reports ([`Relay::relay_report`]): the
+//! same plan, recipients and transaction for every path a report comes in on.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -16,8 +18,8 @@ use crate::replica::{Replica, mailbox_lease};
 use crate::report::Report;
 use crate::report::render::{self, PlanOptions};
 use crate::state::{
-    AckResult, Acknowledgement, Checkpoint, LeaseLost, MessageOutcome, OutboxSend, State,
-    StoredFile,
+    AckResult, Acknowledgement, Checkpoint, HttpIngest, LeaseLost, MessageOutcome, OutboxSend,
+    Source, State, StoredFile,
 };
 
 /// The shared handles of one process that the relay, the bot and `replay` all work through.
@@ -92,6 +94,25 @@ pub struct Incoming {
     pub fetch_error: Option<String>,
 }
 
+/// A report that came over HTTP, for [`Relay::relay_report`].
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    /// The address of the mailbox row whose recipients get it.
+    pub mailbox: String,
+    /// The report, built from the request's fields and files.
+    pub report: Report,
+    /// The path it came in on.
+    pub source: Source,
+    /// SHA-256 (hex) of what the request carried, stored as the message's content hash.
+    pub content_sha256: String,
+    /// The dedupe key (see [`crate::state::HttpIngest::dedupe_key`]).
+    pub dedupe_key: Option<String>,
+    /// How long the key makes the same request a duplicate (`http.dedupe_window_secs`).
+    pub dedupe_window: std::time::Duration,
+    /// When the request arrived (the start of `ingest_to_send_seconds`).
+    pub received_at: SystemTime,
+}
+
 /// What [`Relay::relay`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relayed {
@@ -103,7 +124,8 @@ pub struct Relayed {
     pub recipients: usize,
     /// The message was acknowledged before (same UID or same content); nothing was queued.
     pub duplicate: bool,
-    /// The stored message's row id (`None` for a duplicate): the key of its outbox rows.
+    /// The stored message's row id, the key of its outbox rows: `None` for a duplicate e-mail;
+    /// for a duplicate HTTP request, the first request's message.
     pub message_id: Option<i64>,
 }
 
@@ -191,6 +213,7 @@ impl Relay {
             files: Vec::new(),
             sends: Vec::new(),
             checkpoint: uid,
+            http: None,
         };
         let uid_field = uid.map(|u| u.last_uid);
         let mut mailbox_row_id = None;
@@ -207,15 +230,9 @@ impl Relay {
             }
             Ok(report) => {
                 ack.title = report.title.clone();
-                let snapshot = self
-                    .handles
-                    .directory
-                    .snapshot()
-                    .await
-                    .ok_or_else(|| anyhow::anyhow!("The directory is not loaded yet"))?;
+                let snapshot = self.snapshot().await?;
                 let row = snapshot.mailbox(&mailbox);
                 mailbox_row_id = row.map(|r| r.row_id.clone());
-                let plan = render::plan(&report, &self.settings.plan);
                 if let Some(row) = row.filter(|r| !r.allows_sender(report.from.as_deref())) {
                     warn!(%mailbox, uid = uid_field, from = report.from.as_deref().unwrap_or(""), title = %report.title,
                           allowed = ?row.allowed_senders, "Mail from a sender outside allowed_senders; not relaying it (it stays on the server).");
@@ -229,49 +246,145 @@ impl Relay {
                           %reason, "Mail the receiving server did not authenticate; not relaying it (it stays on the server).");
                     ack.outcome = MessageOutcome::Filtered;
                     ack.detail = Some(format!("not authenticated: {reason}"));
-                } else if let Some(reason) = plan.skipped {
-                    info!(%mailbox, uid = uid_field, title = %report.title, %reason, "Not relaying this report.");
-                    ack.outcome = MessageOutcome::Skipped;
-                    ack.detail = Some(reason);
                 } else {
-                    let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
-                    recipients.retain(|r| match self.handles.statuses.status(r.chat_id) {
-                        Some(status) => {
-                            info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
-                            false
-                        }
-                        None => true,
-                    });
-                    if recipients.is_empty() {
-                        warn!(%mailbox, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");
-                        ack.outcome = MessageOutcome::Skipped;
-                        ack.detail = Some("no registered recipients".into());
-                    }
-                    let sends: Vec<OutboxSend> = plan
-                        .sends
-                        .iter()
-                        .map(|send| OutboxSend::planned(send, &report))
-                        .collect();
-                    for recipient in &recipients {
-                        for send in &sends {
-                            ack.sends.push((recipient.chat_id, send.clone()));
-                        }
-                    }
-                    if !ack.sends.is_empty() {
-                        ack.files = report
-                            .files
-                            .iter()
-                            .map(|f| StoredFile {
-                                sha256: f.sha256.clone(),
-                                bytes: f.bytes.clone(),
-                            })
-                            .collect();
-                    }
-                    info!(%mailbox, uid = uid_field, title = %report.title, recipients = recipients.len(),
-                          sends = ack.sends.len(), "Queued a report.");
+                    self.plan_into(&mut ack, &report, row, &snapshot, Source::Imap);
                 }
             }
         }
+        let result = self.commit(ack, Source::Imap).await?;
+        if let (Some(writer), Some(row_id), Some(uid)) = (&self.last_uid, mailbox_row_id, uid) {
+            let fence = self.replica.fence(&mailbox_lease(&mailbox));
+            writer.set(&row_id, uid.last_uid, fence);
+        }
+        Ok(result)
+    }
+
+    /// Relays a report that came over HTTP (the Superset webhook, the send API) to the
+    /// recipients of `mailbox`: the same plan, recipients and acknowledging transaction as an
+    /// e-mail, with no sender filter and no checkpoint. Returns once the message and its outbox
+    /// rows are committed. A request whose dedupe key was acknowledged within its window is a
+    /// duplicate: nothing new is queued and
+    /// [`Relayed::message_id`] is the first one's.
+    ///
+    /// # Errors
+    /// No directory snapshot was ever loaded, or the state cannot be written: nothing was
+    /// acknowledged.
+    pub async fn relay_report(&self, ingested: Ingested) -> anyhow::Result<Relayed> {
+        let Ingested {
+            mailbox,
+            report,
+            source,
+            content_sha256,
+            dedupe_key,
+            dedupe_window,
+            received_at,
+        } = ingested;
+        let mut ack = Acknowledgement {
+            mailbox: mailbox.clone(),
+            uid: None,
+            raw_sha256: content_sha256,
+            title: report.title.clone(),
+            outcome: MessageOutcome::Queued,
+            detail: None,
+            received_at: Some(received_at),
+            files: Vec::new(),
+            sends: Vec::new(),
+            checkpoint: None,
+            http: Some(HttpIngest {
+                source,
+                dedupe_key: dedupe_key.clone(),
+                window: dedupe_window,
+            }),
+        };
+        let snapshot = self.snapshot().await?;
+        let row = snapshot.mailbox(&mailbox);
+        self.plan_into(&mut ack, &report, row, &snapshot, source);
+        let mut relayed = self.commit(ack, source).await?;
+        if relayed.duplicate
+            && let Some(key) = &dedupe_key
+        {
+            relayed.message_id = self
+                .handles
+                .state
+                .ingest_key_message(key, dedupe_window)
+                .await?;
+            info!(%mailbox, source = source.as_str(), title = %report.title, message_id = relayed.message_id,
+                  "A retried request; acknowledged again, nothing is sent twice.");
+        }
+        Ok(relayed)
+    }
+
+    /// The directory snapshot, or an error while none was ever loaded.
+    async fn snapshot(&self) -> anyhow::Result<Arc<crate::directory::Snapshot>> {
+        self.handles
+            .directory
+            .snapshot()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("The directory is not loaded yet"))
+    }
+
+    /// Plans `report` for the recipients of `row` (none without a row) into `ack`: skipped
+    /// (with the reason) when the plan skips it or nobody registered receives the mailbox,
+    /// else one outbox row per (recipient, send) and the files they need.
+    fn plan_into(
+        &self,
+        ack: &mut Acknowledgement,
+        report: &Report,
+        row: Option<&crate::directory::Mailbox>,
+        snapshot: &crate::directory::Snapshot,
+        source: Source,
+    ) {
+        let mailbox = ack.mailbox.clone();
+        let uid_field = ack.uid.map(|u| u.last_uid);
+        let source = source.as_str();
+        let plan = render::plan(report, &self.settings.plan);
+        if let Some(reason) = plan.skipped {
+            info!(%mailbox, source, uid = uid_field, title = %report.title, %reason, "Not relaying this report.");
+            ack.outcome = MessageOutcome::Skipped;
+            ack.detail = Some(reason);
+            return;
+        }
+        let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
+        recipients.retain(|r| match self.handles.statuses.status(r.chat_id) {
+            Some(status) => {
+                info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
+                false
+            }
+            None => true,
+        });
+        if recipients.is_empty() {
+            warn!(%mailbox, source, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");
+            ack.outcome = MessageOutcome::Skipped;
+            ack.detail = Some("no registered recipients".into());
+        }
+        let sends: Vec<OutboxSend> = plan
+            .sends
+            .iter()
+            .map(|send| OutboxSend::planned(send, report))
+            .collect();
+        for recipient in &recipients {
+            for send in &sends {
+                ack.sends.push((recipient.chat_id, send.clone()));
+            }
+        }
+        if !ack.sends.is_empty() {
+            ack.files = report
+                .files
+                .iter()
+                .map(|f| StoredFile {
+                    sha256: f.sha256.clone(),
+                    bytes: f.bytes.clone(),
+                })
+                .collect();
+        }
+        info!(%mailbox, source, uid = uid_field, title = %report.title, recipients = recipients.len(),
+              sends = ack.sends.len(), "Queued a report.");
+    }
+
+    /// Writes `ack` in one transaction (fenced by the mailbox's lease when it moves the
+    /// checkpoint), counts it, and wakes the delivery worker.
+    async fn commit(&self, ack: Acknowledgement, source: Source) -> anyhow::Result<Relayed> {
+        let mailbox = ack.mailbox.clone();
         let sends = ack.sends.len();
         let recipients = {
             let mut chats: Vec<i64> = ack.sends.iter().map(|s| s.0).collect();
@@ -289,16 +402,13 @@ impl Relay {
             .metrics
             .reports_acknowledged
             .get_or_create(&vec![
-                ("mailbox", mailbox.clone()),
+                ("mailbox", mailbox),
                 ("outcome", outcome.as_str().to_owned()),
+                ("source", source.as_str().to_owned()),
             ])
             .inc();
         if sends > 0 && result != AckResult::Duplicate {
             self.delivery_wake.notify_one();
-        }
-        if let (Some(writer), Some(row_id), Some(uid)) = (&self.last_uid, mailbox_row_id, uid) {
-            let fence = self.replica.fence(&mailbox_lease(&mailbox));
-            writer.set(&row_id, uid.last_uid, fence);
         }
         let duplicate = result == AckResult::Duplicate;
         Ok(Relayed {

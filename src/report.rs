@@ -63,6 +63,14 @@ pub enum ParseError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A file sent over HTTP that is none of the formats a report carries.
+    #[error("file {part} ({name}) is not a PNG, PDF, CSV or XLSX")]
+    UnsupportedFile {
+        /// 0-based index of the file in the request.
+        part: usize,
+        /// Its name, or its Content-Type when it has none.
+        name: String,
+    },
 }
 
 /// The format of a file in a report, from its magic bytes and name.
@@ -180,6 +188,52 @@ pub struct Report {
     pub files: Vec<ReportFile>,
     /// Parts that were not relayed, with the reason (for the logs).
     pub ignored_parts: Vec<String>,
+    /// Whether the title heads the caption or message in bold: true for e-mail and Superset
+    /// webhook reports (an empty title shows as "(no subject)"); false for a send API message,
+    /// which starts with its own text.
+    pub titled: bool,
+}
+
+/// A report that came over HTTP instead of e-mail ([`Report::from_upload`]): the Superset
+/// webhook's fields, or a send API message.
+#[derive(Debug, Clone, Default)]
+pub struct Upload {
+    /// The title (the webhook's `name`); see [`Report::titled`].
+    pub title: String,
+    /// Whether the title is shown (false: an untitled send API message).
+    pub titled: bool,
+    /// Plain text under the title (the webhook's `description` and `text`, the API's `caption`
+    /// or `text`).
+    pub description: String,
+    /// The link under the description (the webhook's `url`), shown as "Explore in Superset".
+    pub link: Option<String>,
+    /// The files in request order.
+    pub files: Vec<UploadedFile>,
+}
+
+/// One file of an [`Upload`]: a multipart part.
+#[derive(Clone)]
+pub struct UploadedFile {
+    /// The part's `filename`, used to classify it (`.csv`, `.xlsx`).
+    pub file_name: Option<String>,
+    /// Whether that name is shown in Telegram. Superset's webhook names every export
+    /// `report.pdf`, `report.csv`, `report.xlsx`: those are named after the report instead.
+    pub keep_name: bool,
+    /// The part's Content-Type, lowercase, without parameters (`text/csv`).
+    pub content_type: String,
+    /// The raw bytes (multipart carries no transfer encoding).
+    pub bytes: Bytes,
+}
+
+impl fmt::Debug for UploadedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UploadedFile")
+            .field("file_name", &self.file_name)
+            .field("keep_name", &self.keep_name)
+            .field("content_type", &self.content_type)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 impl Report {
@@ -199,6 +253,70 @@ impl Report {
         // must not take the watcher down with it.
         let parsed = std::panic::catch_unwind(|| parse_message(raw, subject_prefixes));
         parsed.unwrap_or(Err(ParseError::NotEmail))
+    }
+
+    /// A report from HTTP fields and files ([`crate::ingest`]): the files are classified and
+    /// named exactly as the parts of an e-mail (screenshots `<title>.png` or `<title> (n).png`,
+    /// documents by their name, or `<title>.<ext>` when the name is not kept), so the plan is the
+    /// one an e-mail with the same content gets.
+    ///
+    /// # Errors
+    /// [`ParseError::CorruptFile`] for a PNG, PDF or XLSX that is not one or is cut short,
+    /// [`ParseError::UnsupportedFile`] for any other kind of file.
+    pub fn from_upload(upload: Upload) -> Result<Self, ParseError> {
+        let mut candidates = Vec::with_capacity(upload.files.len());
+        for (index, file) in upload.files.into_iter().enumerate() {
+            let shown = || {
+                file.file_name
+                    .clone()
+                    .unwrap_or_else(|| file.content_type.clone())
+            };
+            match classify(&file.bytes, file.file_name.as_deref(), &file.content_type) {
+                Classified::File(format) => candidates.push(Candidate {
+                    index,
+                    format,
+                    name: file.file_name.clone().filter(|_| file.keep_name),
+                    content_type: file.content_type.clone(),
+                    bytes: file.bytes.clone(),
+                    content_id: None,
+                }),
+                Classified::Corrupt(format) => {
+                    return Err(ParseError::CorruptFile {
+                        part: index,
+                        name: shown(),
+                        format,
+                        reason: "its bytes do not start with the format's signature",
+                    });
+                }
+                Classified::Other => {
+                    return Err(ParseError::UnsupportedFile {
+                        part: index,
+                        name: shown(),
+                    });
+                }
+            }
+        }
+        let title = upload.title.trim().to_owned();
+        let files = name_files(candidates, &title)?;
+        Ok(Report {
+            subject: title.clone(),
+            title,
+            description: upload.description.trim().to_owned(),
+            link: upload
+                .link
+                .filter(|url| !url.trim().is_empty())
+                .map(|url| Link {
+                    url: url.trim().to_owned(),
+                    text: "Explore in Superset".to_owned(),
+                }),
+            tables: Vec::new(),
+            from: None,
+            message_id: None,
+            authentication_results: Vec::new(),
+            files,
+            ignored_parts: Vec::new(),
+            titled: upload.titled,
+        })
     }
 
     /// What kind of mail this is.
@@ -337,6 +455,27 @@ fn parse_message(raw: &[u8], subject_prefixes: &[String]) -> Result<Report, Pars
         }
     }
 
+    let files = name_files(candidates, &title)?;
+
+    Ok(Report {
+        subject,
+        title,
+        description: body.description,
+        link: body.link,
+        tables: body.tables,
+        from,
+        message_id,
+        authentication_results,
+        files,
+        ignored_parts,
+        titled: true,
+    })
+}
+
+/// Names and checks classified files in order: screenshots after the title (`<title>.png`, or
+/// `<title> (n).png` when there are several), other files by their own name, else
+/// `<title>.<ext>`; PNG sizes read, truncated files refused.
+fn name_files(candidates: Vec<Candidate>, title: &str) -> Result<Vec<ReportFile>, ParseError> {
     let png_count = candidates
         .iter()
         .filter(|c| c.format == FileFormat::Png)
@@ -344,7 +483,7 @@ fn parse_message(raw: &[u8], subject_prefixes: &[String]) -> Result<Report, Pars
     let stem = if title.is_empty() {
         "report".to_owned()
     } else {
-        sanitize_file_name(&title)
+        sanitize_file_name(title)
     };
     let mut png_number = 0;
     let mut files = Vec::with_capacity(candidates.len());
@@ -387,18 +526,7 @@ fn parse_message(raw: &[u8], subject_prefixes: &[String]) -> Result<Report, Pars
         });
     }
 
-    Ok(Report {
-        subject,
-        title,
-        description: body.description,
-        link: body.link,
-        tables: body.tables,
-        from,
-        message_id,
-        authentication_results,
-        files,
-        ignored_parts,
-    })
+    Ok(files)
 }
 
 /// The subject without the first matching prefix and surrounding whitespace.

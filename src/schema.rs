@@ -533,6 +533,7 @@ mod tests {
             "allowed_senders",
             "disabled",
             "description",
+            "webhook_token",
         ] {
             let spec = mailboxes
                 .columns

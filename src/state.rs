@@ -25,8 +25,8 @@ mod sqlite;
 
 pub use self::files::StoredFile;
 pub use self::outbox::{
-    AckResult, Acknowledgement, OutboxItem, OutboxRow, OutboxSend, RecentSend, SendCounts,
-    SendResult,
+    AckResult, Acknowledgement, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus, OutboxItem,
+    OutboxRow, OutboxSend, RecentSend, SendCounts, SendResult, SendStatus, Source,
 };
 pub use self::postgres::{
     CHAT_STATUS_CHANNEL, LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres,
@@ -93,6 +93,16 @@ pub enum MessageOutcome {
 }
 
 impl MessageOutcome {
+    /// The outcome named `text` in the database; anything unknown reads as `failed`.
+    pub fn from_column(text: &str) -> Self {
+        match text {
+            "queued" => Self::Queued,
+            "skipped" => Self::Skipped,
+            "filtered" => Self::Filtered,
+            _ => Self::Failed,
+        }
+    }
+
     /// The lowercase name used in the database and the metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -474,6 +484,29 @@ impl State {
     /// A database error; then nothing was deleted.
     pub async fn prune(&self, cutoff: SystemTime) -> anyhow::Result<usize> {
         on_backend!(self.prune(cutoff))
+    }
+
+    /// The message acknowledged under an HTTP ingest's dedupe key within `window` (see
+    /// [`HttpIngest`]), if any: the first answer to a retried request.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn ingest_key_message(
+        &self,
+        key: &str,
+        window: Duration,
+    ) -> anyhow::Result<Option<i64>> {
+        let since = SystemTime::now().checked_sub(window).unwrap_or(UNIX_EPOCH);
+        on_backend!(self.ingest_key_message(key.to_owned(), since))
+    }
+
+    /// A stored message with its outbox rows, for `GET /api/v1/messages/{id}`; `None` when
+    /// there is no such message (or it was pruned).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn message_status(&self, id: i64) -> anyhow::Result<Option<MessageStatus>> {
+        on_backend!(self.message_status(id))
     }
 
     /// How the sends of these messages stand (for `replay --mailbox`, which waits for its own

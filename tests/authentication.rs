@@ -69,8 +69,8 @@ async fn only_mail_the_receiving_server_authenticated_is_relayed() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let metrics = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        if metrics.contains(r#"outcome="filtered"} 4"#)
-            && metrics.contains(r#"outcome="queued"} 1"#)
+        if metrics.contains(r#"outcome="filtered",source="imap"} 4"#)
+            && metrics.contains(r#"outcome="queued",source="imap"} 1"#)
             && metrics.contains("report_relay_outbox_depth 0")
         {
             break;

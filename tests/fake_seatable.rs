@@ -404,8 +404,10 @@ async fn metadata_and_columns_describe_the_default_schema() {
             ("imap_port", "number"),
             ("imap_login", "text"),
             ("imap_password", "text"),
+            ("imap_account", "text"),
             ("folder", "text"),
             ("allowed_senders", "text"),
+            ("webhook_token", "text"),
             ("disabled", "checkbox"),
         ])
     );

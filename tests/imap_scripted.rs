@@ -158,7 +158,9 @@ async fn a_failing_sink_keeps_the_message_for_the_next_session() {
     let metrics = running.metrics.render();
     // Fetched three times, acknowledged once.
     assert!(
-        metrics.contains(r#"report_relay_reports_received_total{mailbox="reports@test.local"} 3"#),
+        metrics.contains(
+            r#"report_relay_reports_received_total{mailbox="reports@test.local",source="imap"} 3"#
+        ),
         "{metrics}"
     );
     running.stop().await;

@@ -86,7 +86,7 @@ async fn first_start_sets_the_checkpoint_without_replaying_old_mail() {
     let metrics = running.metrics.render();
     assert!(
         metrics.contains(&format!(
-            "report_relay_reports_received_total{{mailbox=\"{USER}\"}} 1"
+            "report_relay_reports_received_total{{mailbox=\"{USER}\",source=\"imap\"}} 1"
         )),
         "{metrics}"
     );

@@ -283,8 +283,8 @@ async fn a_chart_reaches_two_users_and_a_group_with_its_caption() {
     assert_eq!(ready["mailboxes"][0]["state"], "idle");
     for line in [
         "report_relay_sends_total{method=\"sendPhoto\",result=\"ok\"} 3",
-        "report_relay_reports_received_total{mailbox=\"reports@test.local\"} 1",
-        "report_relay_reports_acknowledged_total{mailbox=\"reports@test.local\",outcome=\"queued\"} 1",
+        "report_relay_reports_received_total{mailbox=\"reports@test.local\",source=\"imap\"} 1",
+        "report_relay_reports_acknowledged_total{mailbox=\"reports@test.local\",outcome=\"queued\",source=\"imap\"} 1",
         "report_relay_watcher_state{mailbox=\"reports@test.local\",state=\"idle\"} 1",
         "report_relay_outbox_depth 0",
         "report_relay_append_to_send_seconds_count 3",

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use report_relay::report::render::{ItemKind, Method};
 use report_relay::state::{
-    AckResult, Acknowledgement, Checkpoint, Fence, LeaseLost, MessageOutcome, OutboxItem,
-    OutboxSend, SendResult, State, StoredFile,
+    AckResult, Acknowledgement, Checkpoint, Fence, HttpIngest, INGEST_DEDUPE_WINDOW, LeaseLost,
+    MessageOutcome, OutboxItem, OutboxSend, SendResult, Source, State, StoredFile,
 };
 
 /// Where a test's state lives: a SQLite file in a temp dir, or its own PostgreSQL server.
@@ -125,6 +125,27 @@ fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
             uid_validity: 7,
             last_uid: uid,
         }),
+        http: None,
+    }
+}
+
+/// A report that came over HTTP from `source`, keyed by `key` for `window`.
+fn http_ack(
+    source: Source,
+    key: Option<&str>,
+    window: Duration,
+    sends: Vec<(i64, OutboxSend)>,
+) -> Acknowledgement {
+    Acknowledgement {
+        uid: None,
+        checkpoint: None,
+        raw_sha256: "content".into(),
+        http: Some(HttpIngest {
+            source,
+            dedupe_key: key.map(str::to_owned),
+            window,
+        }),
+        ..ack(0, sends)
     }
 }
 
@@ -141,6 +162,7 @@ on_both_backends!(
     an_unreadable_outbox_row_is_failed_and_the_rows_after_it_go,
     recent_sends_are_the_done_rows_with_their_message_counts,
     a_refresh_token_is_stored_per_account_and_replaced,
+    http_reports_dedupe_by_key_within_their_window_and_keep_their_source,
 );
 
 async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
@@ -196,6 +218,132 @@ async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
         .unwrap()
         .unwrap();
     assert_eq!(stored.refresh_token.expose_secret(), "1.refresh-third");
+}
+
+async fn http_reports_dedupe_by_key_within_their_window_and_keep_their_source(db: Db) {
+    let state = db.open().await;
+    let day = INGEST_DEDUPE_WINDOW;
+    let webhook = |key| {
+        http_ack(
+            Source::SupersetWebhook,
+            key,
+            day,
+            vec![(1, send("a")), (2, send("a"))],
+        )
+    };
+    let AckResult::Stored(first) = state.acknowledge(webhook(Some("k1"))).await.unwrap() else {
+        panic!("the first request is stored");
+    };
+    // A retry: acknowledged again, nothing new queued, the first message named.
+    assert_eq!(
+        state.acknowledge(webhook(Some("k1"))).await.unwrap(),
+        AckResult::Duplicate
+    );
+    assert_eq!(
+        state.ingest_key_message("k1", day).await.unwrap(),
+        Some(first)
+    );
+    assert_eq!(state.ingest_key_message("k2", day).await.unwrap(), None);
+    assert_eq!(state.pending_count().await.unwrap(), 2);
+    // The same content is not in the replay ledger: a replay of it is no duplicate, nor is an
+    // API call without an Idempotency-Key, twice.
+    let api = || http_ack(Source::Api, None, day, vec![(3, send("b"))]);
+    assert!(matches!(
+        state.acknowledge(api()).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    assert!(matches!(
+        state.acknowledge(api()).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    let replay = Acknowledgement {
+        uid: None,
+        checkpoint: None,
+        raw_sha256: "content".into(),
+        ..ack(0, vec![])
+    };
+    assert!(matches!(
+        state.acknowledge(replay).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    // Past the window the same key is a new report.
+    let moment = Duration::from_millis(5);
+    tokio::time::sleep(moment * 2).await;
+    let late = http_ack(
+        Source::SupersetWebhook,
+        Some("k1"),
+        moment,
+        vec![(1, send("c"))],
+    );
+    let AckResult::Stored(second) = state.acknowledge(late).await.unwrap() else {
+        panic!("a request past its window is a new report");
+    };
+    assert_eq!(
+        state.ingest_key_message("k1", day).await.unwrap(),
+        Some(second)
+    );
+
+    let status = state.message_status(first).await.unwrap().unwrap();
+    assert_eq!(status.source, Source::SupersetWebhook);
+    assert_eq!(status.mailbox, "reports@example.com");
+    assert_eq!(status.outcome, MessageOutcome::Queued);
+    let chats: Vec<_> = status
+        .sends
+        .iter()
+        .map(|s| (s.chat_id, s.status.as_str()))
+        .collect();
+    assert_eq!(chats, [(1, "pending"), (2, "pending")]);
+    assert!(state.message_status(first + 1000).await.unwrap().is_none());
+
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let row = due.iter().find(|r| r.chat_id == 2).unwrap();
+    assert_eq!(row.source, Source::SupersetWebhook);
+    state
+        .finish_send(
+            row.id,
+            SendResult::Failed("Forbidden: bot was blocked by the user".into()),
+        )
+        .await
+        .unwrap();
+    let status = state.message_status(first).await.unwrap().unwrap();
+    assert_eq!(status.sends[1].status, "failed");
+    assert_eq!(
+        status.sends[1].error.as_deref(),
+        Some("Forbidden: bot was blocked by the user")
+    );
+    assert_eq!(
+        due.iter().find(|r| r.chat_id == 3).unwrap().source,
+        Source::Api
+    );
+}
+
+#[tokio::test]
+async fn an_older_sqlite_state_gets_the_source_column_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    drop(State::open(&path).unwrap());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE messages DROP COLUMN source; DROP TABLE ingest_keys;")
+            .unwrap();
+    }
+    let state = State::open(&path).unwrap();
+    let ack = http_ack(
+        Source::Api,
+        Some("k"),
+        INGEST_DEDUPE_WINDOW,
+        vec![(1, send("x"))],
+    );
+    let AckResult::Stored(id) = state.acknowledge(ack).await.unwrap() else {
+        panic!("stored");
+    };
+    assert_eq!(
+        state.message_status(id).await.unwrap().unwrap().source,
+        Source::Api
+    );
 }
 
 async fn recent_sends_are_the_done_rows_with_their_message_counts(db: Db) {

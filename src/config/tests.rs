@@ -315,3 +315,32 @@ fn oauth2_mistakes_are_named_with_their_key() {
         );
     }
 }
+
+#[test]
+fn http_ingest_keys_have_defaults_and_are_checked() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(config.http.max_body_bytes, 50_000_000);
+    assert_eq!(config.http.dedupe_window_secs, 86_400);
+    assert!(config.http.tls.is_none() && config.http.api_tokens.is_empty());
+    let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let text = format!(
+        "{MINIMAL}http:\n  tls:\n    cert_file: /c.pem\n    key_file: /k.pem\n  api_tokens:\n    - name: tracker\n      sha256: {sha}\n      mailboxes: [a@example.com]\n"
+    );
+    let config = load(&text).unwrap();
+    assert_eq!(config.http.api_tokens[0].requests_per_minute, 60);
+    assert_eq!(
+        config.http.tls.unwrap().cert_file,
+        std::path::PathBuf::from("/c.pem")
+    );
+    let error = load(&text.replace(sha, "not-a-hash"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("config.yaml: http.api_tokens[0].sha256: expected the token's SHA-256"),
+        "{error}"
+    );
+    let error = load(&text.replace("[a@example.com]", "[]"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("http.api_tokens[0].mailboxes"), "{error}");
+}

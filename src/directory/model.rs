@@ -53,9 +53,18 @@ pub struct Mailbox {
     pub folder: Option<String>,
     /// `allowed_senders`: lowercase addresses and `@domain`s; empty means anyone.
     pub allowed_senders: Vec<String>,
-    /// `disabled`: a ticked row is not watched.
+    /// `disabled`: a ticked row is not watched (over IMAP; its webhook still works).
     pub disabled: bool,
+    /// `webhook_token`: the secret in the URL of the row's Superset webhook route
+    /// (`/ingest/superset/<token>`), at least [`WEBHOOK_TOKEN_MIN_LEN`] characters; `None`: the
+    /// row has no webhook. Never printed.
+    #[serde(default)]
+    pub webhook_token: Option<String>,
 }
+
+/// The shortest `webhook_token` that makes a route (a shorter one is ignored with a warning):
+/// 32 characters, e.g. `openssl rand -hex 16` gives 128 bits.
+pub const WEBHOOK_TOKEN_MIN_LEN: usize = 32;
 
 impl std::fmt::Debug for Mailbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,6 +84,10 @@ impl std::fmt::Debug for Mailbox {
             .field("folder", &self.folder)
             .field("allowed_senders", &self.allowed_senders)
             .field("disabled", &self.disabled)
+            .field(
+                "webhook_token",
+                &self.webhook_token.as_ref().map(|_| "[REDACTED]"),
+            )
             .finish()
     }
 }
@@ -225,6 +238,8 @@ pub mod column {
     pub const ALLOWED_SENDERS: &str = "allowed_senders";
     /// mailboxes: a ticked row is not watched.
     pub const DISABLED: &str = "disabled";
+    /// mailboxes: the secret of the row's Superset webhook URL (a secret).
+    pub const WEBHOOK_TOKEN: &str = "webhook_token";
     /// t_chats: the Telegram chat id, written once by the bot.
     pub const ID_TELEGRAM_CHAT: &str = "id_telegram_chat";
     /// t_chats: the write-once lock.
@@ -308,6 +323,18 @@ fn parse_mailbox(row: &Row) -> Option<Mailbox> {
                 .collect()
         })
         .unwrap_or_default();
+    let webhook_token = text(row, column::WEBHOOK_TOKEN).and_then(|token| {
+        if token.chars().count() < WEBHOOK_TOKEN_MIN_LEN {
+            warn!(
+                mailbox = email,
+                min_len = WEBHOOK_TOKEN_MIN_LEN,
+                "Ignoring a webhook_token shorter than the minimum; the row has no webhook."
+            );
+            None
+        } else {
+            Some(token)
+        }
+    });
     Some(Mailbox {
         row_id: text(row, column::ROW_ID)?,
         name: text(row, column::NAME).unwrap_or_default(),
@@ -321,6 +348,7 @@ fn parse_mailbox(row: &Row) -> Option<Mailbox> {
         folder: text(row, column::FOLDER),
         allowed_senders,
         disabled: row.bool(column::DISABLED),
+        webhook_token,
         email,
     })
 }

@@ -258,7 +258,7 @@ pub fn caption(report: &Report) -> String {
     let mut spans = heading(report);
     if !report.description.is_empty() {
         spans.push(Span::elastic(
-            format!("\n\n{}", report.description),
+            format!("{}{}", separator(&spans), report.description),
             Style::Plain,
         ));
     }
@@ -271,19 +271,29 @@ fn text_message(report: &Report) -> String {
     let mut spans = heading(report);
     if !report.description.is_empty() {
         spans.push(Span::elastic(
-            format!("\n\n{}", report.description),
+            format!("{}{}", separator(&spans), report.description),
             Style::Plain,
         ));
     }
     for table in &report.tables {
-        spans.push(Span::elastic("\n\n", Style::Plain));
+        spans.push(Span::elastic(separator(&spans), Style::Plain));
         spans.push(Span::elastic(table.clone(), Style::Pre));
     }
     push_link(&mut spans, report);
     render_spans(&spans, MESSAGE_LIMIT)
 }
 
+/// The blank line between blocks: none before the first one (an untitled message starts with
+/// its text).
+fn separator(spans: &[Span]) -> &'static str {
+    if spans.is_empty() { "" } else { "\n\n" }
+}
+
+/// The bold title; nothing for an untitled report (a send API message without a title).
 fn heading(report: &Report) -> Vec<Span> {
+    if !report.titled {
+        return Vec::new();
+    }
     let title = if report.title.is_empty() {
         "(no subject)"
     } else {
@@ -305,7 +315,9 @@ fn push_link(spans: &mut Vec<Span>, report: &Report) {
     } else {
         link.text.clone()
     };
-    spans.push(Span::fixed("\n\n", Style::Plain));
+    if !spans.is_empty() {
+        spans.push(Span::fixed("\n\n", Style::Plain));
+    }
     spans.push(Span::fixed(text, Style::Link(link.url.clone())));
 }
 
@@ -490,7 +502,17 @@ mod tests {
             authentication_results: Vec::new(),
             files: Vec::new(),
             ignored_parts: Vec::new(),
+            titled: true,
         }
+    }
+
+    #[test]
+    fn an_untitled_message_starts_with_its_text() {
+        let mut untitled = report("", "Disk <full> on db1");
+        untitled.titled = false;
+        untitled.link = None;
+        assert_eq!(text_message(&untitled), "Disk &lt;full&gt; on db1");
+        assert_eq!(caption(&untitled), "Disk &lt;full&gt; on db1");
     }
 
     fn png(name: &str, width: u32, height: u32, size: usize) -> ReportFile {

@@ -80,6 +80,93 @@ pub struct Acknowledgement {
     pub sends: Vec<(i64, OutboxSend)>,
     /// The new checkpoint of the mailbox, written in the same transaction.
     pub checkpoint: Option<Checkpoint>,
+    /// Set for a report that came over HTTP (the Superset webhook, the send API): then the
+    /// message is keyed by [`HttpIngest::dedupe_key`] for [`HttpIngest::window`] instead of the
+    /// replay ledger, and `uid` and `checkpoint` are `None`.
+    pub http: Option<HttpIngest>,
+}
+
+/// The default [`HttpIngest::window`] (`http.dedupe_window_secs`): 24 hours.
+pub const INGEST_DEDUPE_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What [`Acknowledgement::http`] says about a report that came over HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpIngest {
+    /// Which path it came in on (stored with the message, a label of
+    /// `ingest_to_send_seconds`).
+    pub source: Source,
+    /// SHA-256 (hex) naming the request for deduplication, or `None` (a send API call without
+    /// an `Idempotency-Key`: every call is a new message).
+    pub dedupe_key: Option<String>,
+    /// How long the key makes the same request a duplicate: a retry within it is acknowledged
+    /// again and sends nothing; after it, the same request is a new report.
+    pub window: std::time::Duration,
+}
+
+/// The path a report came in on: the `source` label of the metrics and the logs, and the
+/// `source` column of the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// An e-mail from a watched mailbox (or `replay --mailbox`).
+    Imap,
+    /// `POST /ingest/superset/{token}`: Superset's webhook notification.
+    SupersetWebhook,
+    /// `POST /api/v1/messages`: the send API.
+    Api,
+}
+
+impl Source {
+    /// The lowercase name in the database, the metrics and the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Imap => "imap",
+            Self::SupersetWebhook => "superset_webhook",
+            Self::Api => "api",
+        }
+    }
+
+    /// The source named `text` in the database; anything unknown (a newer version's) reads as
+    /// `imap`.
+    pub fn from_column(text: &str) -> Self {
+        match text {
+            "superset_webhook" => Self::SupersetWebhook,
+            "api" => Self::Api,
+            _ => Self::Imap,
+        }
+    }
+}
+
+/// One outbox row of a message, for [`State::message_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendStatus {
+    /// The recipient `chat_id`.
+    pub chat_id: i64,
+    /// `pending`, `done` or `failed`.
+    pub status: String,
+    /// Why it failed, or the last transient error of a pending send.
+    pub error: Option<String>,
+}
+
+/// A stored message with its outbox rows ([`State::message_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageStatus {
+    /// The message's row id.
+    pub id: i64,
+    /// The mailbox it was relayed for.
+    pub mailbox: String,
+    /// The path it came in on.
+    pub source: Source,
+    /// The title.
+    pub title: String,
+    /// What the relay did with it.
+    pub outcome: MessageOutcome,
+    /// The reason for a skip, filter or failure.
+    pub detail: Option<String>,
+    /// When it arrived.
+    pub received_at: SystemTime,
+    /// Its outbox rows in send order.
+    pub sends: Vec<SendStatus>,
 }
 
 /// The result of [`State::acknowledge`].
@@ -120,8 +207,10 @@ pub struct OutboxRow {
     pub created_at: SystemTime,
     /// When the first transient failure of this send happened, if any.
     pub first_failed_at: Option<SystemTime>,
-    /// When the message arrived in the mailbox (or was queued).
+    /// When the message arrived in the mailbox (or was queued, or its HTTP request arrived).
     pub received_at: SystemTime,
+    /// The path the message came in on.
+    pub source: Source,
 }
 
 /// A send Telegram accepted recently ([`State::recent_sends`]): what a new delivery worker's

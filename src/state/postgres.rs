@@ -40,6 +40,7 @@ const MAX_CONNECTIONS: u32 = 8;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "state", include_str!("postgres/0001_state.sql")),
     (2, "oauth", include_str!("postgres/0002_oauth.sql")),
+    (3, "ingest", include_str!("postgres/0003_ingest.sql")),
 ];
 
 /// A handle on the PostgreSQL state; cheap to clone.

@@ -22,6 +22,23 @@ mod outbox;
 /// The SQLite schema, applied on every open (`CREATE … IF NOT EXISTS`).
 const SCHEMA: &str = include_str!("sqlite/schema.sql");
 
+/// Applies [`SCHEMA`], then adds the columns that a database made by an older version lacks
+/// (`CREATE TABLE IF NOT EXISTS` leaves an existing table as it is).
+fn apply_schema(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute_batch(SCHEMA)
+        .context("Failed to create the state schema")?;
+    let has_source: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'source'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_source {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN source TEXT NOT NULL DEFAULT 'imap'")
+            .context("Failed to add messages.source to the state schema")?;
+    }
+    Ok(())
+}
+
 /// A handle on the SQLite state database; cheap to clone.
 #[derive(Clone)]
 pub struct Sqlite {
@@ -73,8 +90,7 @@ impl Sqlite {
     /// The schema cannot be applied.
     pub fn in_memory() -> anyhow::Result<Self> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)
-            .context("Failed to create the state schema")?;
+        apply_schema(&conn)?;
         Ok(Self {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
             _lock: None,
@@ -118,8 +134,7 @@ impl Sqlite {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)
-            .context("Failed to create the state schema")?;
+        apply_schema(&conn)?;
         Ok(Self {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
             _lock: lock.map(Arc::new),

@@ -21,5 +21,6 @@ pub mod postgres;
 pub mod replicas;
 pub mod seatable;
 pub mod stack;
+pub mod superset_webhook;
 pub mod telegram;
 pub mod watcher;

@@ -493,7 +493,7 @@ impl FakeSeaTable {
     /// * `mailboxes`: `Name`, `email`, `description` text, `users` link (the other side of
     ///   `users.mailboxes`), `t_chats` link → t_chats, `last_uid`, `imap_host` text,
     ///   `imap_port` number, `imap_login`, `imap_password`, `imap_account`, `folder`,
-    ///   `allowed_senders` text,
+    ///   `allowed_senders`, `webhook_token` text,
     ///   `disabled` checkbox;
     /// * `t_chats`: `Name` text, `id_telegram_chat` text, `is_locked` checkbox, `mailboxes` link
     ///   (the other side of `mailboxes.t_chats`).
@@ -524,6 +524,7 @@ impl FakeSeaTable {
             ("imap_account", Text),
             ("folder", Text),
             ("allowed_senders", Text),
+            ("webhook_token", Text),
             ("disabled", Checkbox),
         ] {
             self.add_column("mailboxes", name, kind);

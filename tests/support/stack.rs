@@ -56,6 +56,8 @@ pub struct Tuning {
     /// The mailbox's `imap.accounts` entry, YAML indented by 6 spaces (e.g. an `oauth2:`
     /// section); `None` for its password.
     pub account: Option<String>,
+    /// More `http:` keys (indented by two spaces), e.g. `tls:` or `api_tokens:`.
+    pub http_extra: String,
 }
 
 impl Default for Tuning {
@@ -69,6 +71,7 @@ impl Default for Tuning {
             reload_secs: 60,
             default_country_code: None,
             account: None,
+            http_extra: String::new(),
         }
     }
 }
@@ -262,6 +265,7 @@ state:
 {state}
 http:
   listen: "127.0.0.1:{http_port}"
+{http_extra}
 "#,
             country_code = tuning
                 .default_country_code
@@ -283,6 +287,7 @@ http:
                 .clone()
                 .unwrap_or_else(|| format!("      password: \"{PASSWORD}\"")),
             concurrency = tuning.concurrency,
+            http_extra = tuning.http_extra,
         )
     }
 
@@ -317,6 +322,46 @@ http:
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap()
+    }
+
+    /// Runs `report-relay run` as a child process with its stderr written to `log` and
+    /// `RUST_LOG=rust_log` (for tests that read what it logs).
+    pub fn spawn_binary_logging(&self, tuning: &Tuning, log: &Path, rust_log: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_report-relay"))
+            .args(["run", "--config"])
+            .arg(self.write_config(tuning))
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The relay's base URL, `http://127.0.0.1:<http_port>`.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Gives the stack's mailbox row a `webhook_token` (adding the optional column first).
+    pub fn set_webhook_token(&self, token: &str) {
+        if !self
+            .seatable
+            .column_names("mailboxes")
+            .iter()
+            .any(|c| c == "webhook_token")
+        {
+            self.seatable.add_column(
+                "mailboxes",
+                "webhook_token",
+                super::seatable::ColumnType::Text,
+            );
+        }
+        self.seatable.update_row(
+            "mailboxes",
+            &self.mailbox_row,
+            json!({ "webhook_token": token }),
+        );
     }
 
     /// GET /readyz: the status code and JSON body (None while nothing listens).

@@ -9,9 +9,14 @@ use sqlx::Row;
 use super::{Postgres, begin_fenced, timed, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, Fence, OutboxRow, RecentSend, SendCounts, SendResult, from_millis,
-    millis,
+    AckResult, Acknowledgement, Fence, MessageOutcome, MessageStatus, OutboxRow, RecentSend,
+    SendCounts, SendResult, SendStatus, Source, from_millis, millis,
 };
+
+/// A dedupe window in milliseconds.
+fn window_millis(window: std::time::Duration) -> i64 {
+    i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
+}
 
 /// The `LISTEN/NOTIFY` channel on which an acknowledgement with sends announces them.
 pub const OUTBOX_CHANNEL: &str = "report_relay_outbox";
@@ -27,11 +32,29 @@ impl Postgres {
             let fence = fence.filter(|_| ack.checkpoint.is_some());
             let mut tx = begin_fenced(&self.pool, fence).await?;
             let now = millis(SystemTime::now());
-            let duplicate = match ack.uid {
-                Some(Checkpoint {
+            let duplicate = match (&ack.http, ack.uid) {
+                // An HTTP request: the same dedupe key within the window. The key's row is
+                // claimed here (a concurrent identical request waits for this transaction,
+                // then finds it taken) and gets its message id below.
+                (Some(http), _) => match &http.dedupe_key {
+                    Some(key) => sqlx::query(
+                        "INSERT INTO ingest_keys (key, message_id, created_at) VALUES ($1, NULL, $2)
+                         ON CONFLICT (key) DO UPDATE SET message_id = NULL, created_at = $2
+                           WHERE ingest_keys.created_at < $3
+                         RETURNING 1",
+                    )
+                    .bind(key)
+                    .bind(now)
+                    .bind(now - window_millis(http.window))
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_none(),
+                    None => false,
+                },
+                (None, Some(Checkpoint {
                     uid_validity,
                     last_uid: uid,
-                }) => sqlx::query(
+                })) => sqlx::query(
                     "SELECT 1 FROM messages WHERE mailbox = $1 AND uid_validity = $2 AND uid = $3
                        AND raw_sha256 = $4
                      UNION ALL
@@ -44,7 +67,7 @@ impl Postgres {
                 .fetch_optional(&mut *tx)
                 .await?
                 .is_some(),
-                None => sqlx::query("SELECT 1 FROM ledger WHERE mailbox = $1 AND raw_sha256 = $2")
+                (None, None) => sqlx::query("SELECT 1 FROM ledger WHERE mailbox = $1 AND raw_sha256 = $2")
                     .bind(&ack.mailbox)
                     .bind(&ack.raw_sha256)
                     .fetch_optional(&mut *tx)
@@ -56,8 +79,8 @@ impl Postgres {
             } else {
                 let message_id: i64 = sqlx::query_scalar(
                     "INSERT INTO messages (mailbox, uid_validity, uid, raw_sha256, title, outcome,
-                                           detail, received_at, acknowledged_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                                           detail, received_at, acknowledged_at, source)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
                 )
                 .bind(&ack.mailbox)
                 .bind(ack.uid.map(|u| i64::from(u.uid_validity)))
@@ -68,16 +91,28 @@ impl Postgres {
                 .bind(&ack.detail)
                 .bind(ack.received_at.map_or(now, millis))
                 .bind(now)
+                .bind(ack.http.as_ref().map_or("imap", |h| h.source.as_str()))
                 .fetch_one(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO ledger (mailbox, raw_sha256) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                )
-                .bind(&ack.mailbox)
-                .bind(&ack.raw_sha256)
-                .execute(&mut *tx)
-                .await?;
-                if ack.uid.is_none() {
+                if let Some(http) = &ack.http {
+                    // Not in the ledger: the same content a day later is a new report.
+                    if let Some(key) = &http.dedupe_key {
+                        sqlx::query("UPDATE ingest_keys SET message_id = $2 WHERE key = $1")
+                            .bind(key)
+                            .bind(message_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                } else {
+                    sqlx::query(
+                        "INSERT INTO ledger (mailbox, raw_sha256) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&ack.mailbox)
+                    .bind(&ack.raw_sha256)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if ack.uid.is_none() && ack.http.is_none() {
                     sqlx::query(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES ($1, $2, $3)",
                     )
@@ -145,7 +180,7 @@ impl Postgres {
             let mut tx = begin_fenced(&self.pool, fence).await?;
             let rows = sqlx::query(
                 "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
-                        o.created_at, m.received_at, o.first_failed_at
+                        o.created_at, m.received_at, o.first_failed_at, m.source
                  FROM outbox o JOIN messages m ON m.id = o.message_id
                  WHERE o.status = 'pending'
                    AND o.id = (SELECT MIN(i.id) FROM outbox i
@@ -187,6 +222,7 @@ impl Postgres {
                 created_at: from_millis(row.try_get(6)?),
                 first_failed_at: row.try_get::<Option<i64>, _>(8)?.map(from_millis),
                 received_at: from_millis(row.try_get(7)?),
+                source: Source::from_column(row.try_get(9)?),
             };
             if admit(&candidate) {
                 due.push(candidate);
@@ -343,6 +379,11 @@ impl Postgres {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            deleted += sqlx::query("DELETE FROM ingest_keys WHERE created_at < $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             // The ledger and the replays stay: they are what makes an old mail a duplicate.
             deleted += sqlx::query(
                 "DELETE FROM messages WHERE acknowledged_at < $1
@@ -363,6 +404,68 @@ impl Postgres {
             .rows_affected();
             tx.commit().await?;
             Ok::<_, anyhow::Error>(rows(deleted))
+        })
+        .await
+    }
+
+    pub(in crate::state) async fn ingest_key_message(
+        &self,
+        key: String,
+        since: SystemTime,
+    ) -> anyhow::Result<Option<i64>> {
+        let id: Option<Option<i64>> = timed(
+            "Failed to read an ingest key",
+            sqlx::query_scalar(
+                "SELECT message_id FROM ingest_keys WHERE key = $1 AND created_at >= $2",
+            )
+            .bind(key)
+            .bind(millis(since))
+            .fetch_optional(&self.pool),
+        )
+        .await?;
+        Ok(id.flatten())
+    }
+
+    pub(in crate::state) async fn message_status(
+        &self,
+        id: i64,
+    ) -> anyhow::Result<Option<MessageStatus>> {
+        timed("Failed to read a message's status", async {
+            let Some(row) = sqlx::query(
+                "SELECT mailbox, source, title, outcome, detail, received_at
+                 FROM messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let mut message = MessageStatus {
+                id,
+                mailbox: row.try_get(0)?,
+                source: Source::from_column(row.try_get(1)?),
+                title: row.try_get(2)?,
+                outcome: MessageOutcome::from_column(row.try_get(3)?),
+                detail: row.try_get(4)?,
+                received_at: from_millis(row.try_get(5)?),
+                sends: Vec::new(),
+            };
+            let sends: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+                "SELECT chat_id, status, error FROM outbox WHERE message_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+            message.sends = sends
+                .into_iter()
+                .map(|(chat_id, status, error)| SendStatus {
+                    chat_id,
+                    status,
+                    error,
+                })
+                .collect();
+            Ok::<_, anyhow::Error>(Some(message))
         })
         .await
     }

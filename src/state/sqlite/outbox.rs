@@ -9,8 +9,14 @@ use rusqlite::{OptionalExtension, params};
 use super::{Sqlite, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, OutboxRow, RecentSend, SendCounts, SendResult, from_millis, millis,
+    AckResult, Acknowledgement, MessageOutcome, MessageStatus, OutboxRow, RecentSend, SendCounts,
+    SendResult, SendStatus, Source, from_millis, millis,
 };
+
+/// A dedupe window in milliseconds.
+fn window_millis(window: std::time::Duration) -> i64 {
+    i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
+}
 
 impl Sqlite {
     /// Stores a message, its files, its outbox rows and the checkpoint in one transaction.
@@ -21,11 +27,23 @@ impl Sqlite {
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let now = millis(SystemTime::now());
-            let duplicate = match ack.uid {
-                Some(Checkpoint {
+            let duplicate = match (&ack.http, ack.uid) {
+                // An HTTP request: the same dedupe key within the window.
+                (Some(http), _) => match &http.dedupe_key {
+                    Some(key) => tx
+                        .query_row(
+                            "SELECT 1 FROM ingest_keys WHERE key = ?1 AND created_at >= ?2",
+                            params![key, now - window_millis(http.window)],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some(),
+                    None => false,
+                },
+                (None, Some(Checkpoint {
                     uid_validity,
                     last_uid: uid,
-                }) => tx
+                })) => tx
                     .query_row(
                         // The content hash too: after a server restore reuses UIDs under the
                         // same UIDVALIDITY, a new message at an old UID is not a duplicate. A
@@ -40,7 +58,7 @@ impl Sqlite {
                     .optional()?
                     .is_some(),
                 // A replay is a duplicate of anything relayed before, from IMAP or a replay.
-                None => tx
+                (None, None) => tx
                     .query_row(
                         "SELECT 1 FROM ledger WHERE mailbox = ?1 AND raw_sha256 = ?2",
                         params![ack.mailbox, ack.raw_sha256],
@@ -54,8 +72,8 @@ impl Sqlite {
             } else {
                 tx.execute(
                     "INSERT INTO messages (mailbox, uid_validity, uid, raw_sha256, title, outcome,
-                                           detail, received_at, acknowledged_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                           detail, received_at, acknowledged_at, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     params![
                         ack.mailbox,
                         ack.uid.map(|u| u.uid_validity),
@@ -66,14 +84,26 @@ impl Sqlite {
                         ack.detail,
                         ack.received_at.map_or(now, millis),
                         now,
+                        ack.http.as_ref().map_or("imap", |h| h.source.as_str()),
                     ],
                 )?;
                 let message_id = tx.last_insert_rowid();
-                tx.execute(
-                    "INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) VALUES (?1, ?2)",
-                    params![ack.mailbox, ack.raw_sha256],
-                )?;
-                if ack.uid.is_none() {
+                if let Some(http) = &ack.http {
+                    // Not in the ledger: the same content a day later is a new report.
+                    if let Some(key) = &http.dedupe_key {
+                        tx.execute(
+                            "INSERT INTO ingest_keys (key, message_id, created_at) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (key) DO UPDATE SET message_id = ?2, created_at = ?3",
+                            params![key, message_id, now],
+                        )?;
+                    }
+                } else {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) VALUES (?1, ?2)",
+                        params![ack.mailbox, ack.raw_sha256],
+                    )?;
+                }
+                if ack.uid.is_none() && ack.http.is_none() {
                     tx.execute(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES (?1, ?2, ?3)",
                         params![ack.mailbox, ack.raw_sha256, message_id],
@@ -131,7 +161,7 @@ impl Sqlite {
             {
                 let mut statement = conn.prepare_cached(
                     "SELECT o.id, o.message_id, o.chat_id, o.send, o.attempts, o.not_before,
-                            o.created_at, m.received_at, o.first_failed_at
+                            o.created_at, m.received_at, o.first_failed_at, m.source
                      FROM outbox o JOIN messages m ON m.id = o.message_id
                      WHERE o.status = 'pending'
                        AND o.id = (SELECT MIN(i.id) FROM outbox i
@@ -166,6 +196,7 @@ impl Sqlite {
                         created_at: from_millis(row.get(6)?),
                         first_failed_at: row.get::<_, Option<i64>>(8)?.map(from_millis),
                         received_at: from_millis(row.get(7)?),
+                        source: Source::from_column(&row.get::<_, String>(9)?),
                     };
                     if admit(&candidate) {
                         due.push(candidate);
@@ -352,6 +383,7 @@ impl Sqlite {
                 "DELETE FROM outbox WHERE status != 'pending' AND finished_at < ?1",
                 [cutoff],
             )?;
+            deleted += tx.execute("DELETE FROM ingest_keys WHERE created_at < ?1", [cutoff])?;
             // The ledger and the replays stay: they are what makes an old mail a duplicate.
             deleted += tx.execute(
                 "DELETE FROM messages WHERE acknowledged_at < ?1
@@ -366,6 +398,74 @@ impl Sqlite {
             )?;
             tx.commit()?;
             Ok(deleted)
+        })
+        .await
+    }
+
+    /// The message acknowledged under the HTTP ingest key `key` at or after `since`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn ingest_key_message(
+        &self,
+        key: String,
+        since: SystemTime,
+    ) -> anyhow::Result<Option<i64>> {
+        self.with(move |conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT message_id FROM ingest_keys WHERE key = ?1 AND created_at >= ?2",
+                    params![key, millis(since)],
+                    |row| row.get::<_, Option<i64>>(0),
+                )
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
+    /// A stored message with its outbox rows in send order.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn message_status(&self, id: i64) -> anyhow::Result<Option<MessageStatus>> {
+        self.with(move |conn| {
+            let message = conn
+                .query_row(
+                    "SELECT mailbox, source, title, outcome, detail, received_at
+                     FROM messages WHERE id = ?1",
+                    [id],
+                    |row| {
+                        Ok(MessageStatus {
+                            id,
+                            mailbox: row.get(0)?,
+                            source: Source::from_column(&row.get::<_, String>(1)?),
+                            title: row.get(2)?,
+                            outcome: MessageOutcome::from_column(&row.get::<_, String>(3)?),
+                            detail: row.get(4)?,
+                            received_at: from_millis(row.get(5)?),
+                            sends: Vec::new(),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut message) = message else {
+                return Ok(None);
+            };
+            let mut statement = conn.prepare_cached(
+                "SELECT chat_id, status, error FROM outbox WHERE message_id = ?1 ORDER BY id",
+            )?;
+            let rows = statement.query_map([id], |row| {
+                Ok(SendStatus {
+                    chat_id: row.get(0)?,
+                    status: row.get(1)?,
+                    error: row.get(2)?,
+                })
+            })?;
+            for row in rows {
+                message.sends.push(row?);
+            }
+            Ok(Some(message))
         })
         .await
     }

@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS messages (
     detail          TEXT,
     received_at     INTEGER NOT NULL,
     acknowledged_at INTEGER NOT NULL,
+    -- imap, superset_webhook or api; added to older databases on open (sqlite.rs)
+    source          TEXT NOT NULL DEFAULT 'imap',
     UNIQUE (mailbox, uid_validity, uid, raw_sha256)
 );
 -- Every message ever acknowledged, by content: kept as long as the checkpoints (never pruned),
@@ -73,4 +75,12 @@ CREATE TABLE IF NOT EXISTS oauth_refresh_tokens (
     client_id     TEXT NOT NULL,
     refresh_token TEXT NOT NULL,
     updated_at    INTEGER NOT NULL
+);
+-- HTTP ingest (the Superset webhook, the send API's Idempotency-Key): a request's dedupe key and
+-- the message it was acknowledged as; the same key within 24 h is a duplicate. Pruned with the
+-- outbox.
+CREATE TABLE IF NOT EXISTS ingest_keys (
+    key        TEXT PRIMARY KEY,
+    message_id INTEGER,
+    created_at INTEGER NOT NULL
 );
