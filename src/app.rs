@@ -285,6 +285,7 @@ pub async fn run_reloading(
     ingest.set_relay(relay.clone());
     let registrar = crate::bot::Registrar::new(
         directory.clone(),
+        state.clone(),
         statuses.clone(),
         migrations.clone(),
         config.telegram.default_country_code.clone(),

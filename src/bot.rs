@@ -14,6 +14,7 @@
 //! - **Migration** of a basic group to a supergroup rewrites the row's id, keeping the lock; the
 //!   same [`Migrations`] handler serves the delivery worker.
 
+mod reports;
 pub mod texts;
 
 use std::collections::BTreeSet;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::directory::{ChatStatuses, Directory, Group, Migrations, Snapshot, User};
+use crate::state::State;
 
 /// How long a promotion from a supergroup waits for the migration message of its basic group
 /// (they arrive as separate updates, possibly handled concurrently).
@@ -47,6 +49,15 @@ pub enum Command {
     /// How registration works.
     #[command(description = "how registration works")]
     Help,
+    /// What this chat receives.
+    #[command(description = "list the reports you receive")]
+    Reports,
+    /// Pause one mailbox for yourself.
+    #[command(description = "pause one mailbox's reports for you: /mute <address>")]
+    Mute(String),
+    /// Resume one mailbox, or all.
+    #[command(description = "resume paused reports: /unmute [address]")]
+    Unmute(String),
 }
 
 /// Normalises a phone number to E.164 digits (no `+`), as Telegram sends them.
@@ -104,6 +115,7 @@ pub fn normalize_title(title: &str) -> String {
 /// The registration logic behind the handlers.
 pub struct Registrar {
     directory: Arc<Directory>,
+    state: State,
     statuses: Arc<ChatStatuses>,
     migrations: Arc<Migrations>,
     default_country_code: String,
@@ -119,15 +131,17 @@ impl std::fmt::Debug for Registrar {
 type HandlerResult = anyhow::Result<()>;
 
 impl Registrar {
-    /// A registrar writing through `directory`.
+    /// A registrar writing through `directory`, keeping mutes in `state`.
     pub fn new(
         directory: Arc<Directory>,
+        state: State,
         statuses: Arc<ChatStatuses>,
         migrations: Arc<Migrations>,
         default_country_code: String,
     ) -> Arc<Self> {
         Arc::new(Self {
             directory,
+            state,
             statuses,
             migrations,
             default_country_code,
@@ -473,6 +487,9 @@ async fn on_command(
             bot.send_message(msg.chat.id, texts::HELP).await?;
             Ok(())
         }
+        Command::Reports => registrar.reports(&bot, &msg).await,
+        Command::Mute(mailbox) => registrar.mute(&bot, &msg, &mailbox).await,
+        Command::Unmute(mailbox) => registrar.unmute(&bot, &msg, &mailbox).await,
     }
 }
 
@@ -636,11 +653,11 @@ mod tests {
     }
 
     #[test]
-    fn the_command_menu_has_start_and_help() {
+    fn the_command_menu_has_registration_and_the_reports_commands() {
         let names: Vec<String> = Command::bot_commands()
             .into_iter()
             .map(|c| c.command)
             .collect();
-        assert_eq!(names, ["/start", "/help"]);
+        assert_eq!(names, ["/start", "/help", "/reports", "/mute", "/unmute"]);
     }
 }

@@ -1,4 +1,5 @@
-//! The command line: `run`, `replay`, `check`, `oauth login` and `schema apply` (interface.md).
+//! The command line: `run`, `replay`, `check`, `history`, `oauth login` and `schema apply`
+//! (interface.md).
 //!
 //! `main` parses [`Cli`], sets up logging with [`init_logging`] and hands over to [`Cli::run`].
 
@@ -47,6 +48,9 @@ pub enum Command {
     /// Validate the config, log in to SeaTable and check its tables, call Telegram getMe, log in
     /// to each enabled mailbox; one line per check.
     Check(ConfigArgs),
+    /// What happened to each report, per recipient, from the state (read-only; works beside a
+    /// running relay).
+    History(HistoryArgs),
     /// OAuth2 mailboxes (imap.accounts.<name>.oauth2).
     Oauth {
         /// What to do.
@@ -67,6 +71,24 @@ pub enum SchemaAction {
     /// Create the tables and columns of seatable-schema/ that the base lacks (never deletes or
     /// renames).
     Apply(ConfigArgs),
+}
+
+/// `report-relay history`.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The config file (for `state`).
+    #[arg(long, env = "REPORT_RELAY_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+    /// Only the reports of this mailbox.
+    #[arg(long, value_name = "ADDRESS")]
+    pub mailbox: Option<String>,
+    /// How far back: a number and a unit (s, m, h, d, w).
+    #[arg(long, value_name = "DURATION", default_value = "24h",
+          value_parser = crate::history::parse_since)]
+    pub since: Duration,
+    /// One JSON object per report per line (JSON Lines).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `report-relay oauth …`.
@@ -185,6 +207,22 @@ impl Cli {
                 } else {
                     ExitCode::FAILURE
                 })
+            }
+            Command::History(args) => {
+                let config = Config::load(&args.config)?;
+                let stdout = std::io::stdout();
+                runtime()?.block_on(async {
+                    let state = crate::state::State::beside_relay(&config.state).await?;
+                    crate::history::print(
+                        &state,
+                        args.mailbox.as_deref(),
+                        args.since,
+                        args.json,
+                        &mut stdout.lock(),
+                    )
+                    .await
+                })?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Oauth {
                 action: OauthAction::Login(args),

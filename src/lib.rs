@@ -29,7 +29,7 @@
 //! metadata) and [`schema`] (`seatable-schema/`), [`directory`] (cached snapshot, its model,
 //! the SeaTable backend that owns every SeaTable write, migrations, chat statuses), [`http`]
 //! (`/healthz`, `/readyz`, `/metrics`, TLS in `http/tls.rs`), [`metrics`], [`app`] (composition root), [`cli`] and
-//! [`replay`] (the command line).
+//! [`replay`] and [`history`] (the command line).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,6 +40,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod directory;
+pub mod history;
 pub mod http;
 pub mod imap;
 pub mod ingest;

@@ -247,7 +247,8 @@ impl Relay {
                     ack.outcome = MessageOutcome::Filtered;
                     ack.detail = Some(format!("not authenticated: {reason}"));
                 } else {
-                    self.plan_into(&mut ack, &report, row, &snapshot, Source::Imap);
+                    let muted = self.handles.state.muted_chats(&mailbox).await?;
+                    self.plan_into(&mut ack, &report, row, &snapshot, &muted, Source::Imap);
                 }
             }
         }
@@ -298,7 +299,8 @@ impl Relay {
         };
         let snapshot = self.snapshot().await?;
         let row = snapshot.mailbox(&mailbox);
-        self.plan_into(&mut ack, &report, row, &snapshot, source);
+        let muted = self.handles.state.muted_chats(&mailbox).await?;
+        self.plan_into(&mut ack, &report, row, &snapshot, &muted, source);
         let mut relayed = self.commit(ack, source).await?;
         if relayed.duplicate
             && let Some(key) = &dedupe_key
@@ -325,13 +327,15 @@ impl Relay {
 
     /// Plans `report` for the recipients of `row` (none without a row) into `ack`: skipped
     /// (with the reason) when the plan skips it or nobody registered receives the mailbox,
-    /// else one outbox row per (recipient, send) and the files they need.
+    /// else one outbox row per (recipient, send) and the files they need. Chats in `muted`
+    /// (people who paused the mailbox with `/mute`) are left out.
     fn plan_into(
         &self,
         ack: &mut Acknowledgement,
         report: &Report,
         row: Option<&crate::directory::Mailbox>,
         snapshot: &crate::directory::Snapshot,
+        muted: &std::collections::HashSet<i64>,
         source: Source,
     ) {
         let mailbox = ack.mailbox.clone();
@@ -351,6 +355,13 @@ impl Relay {
                 false
             }
             None => true,
+        });
+        recipients.retain(|r| {
+            let paused = muted.contains(&r.chat_id);
+            if paused {
+                info!(%mailbox, chat_id = r.chat_id, "Skipping a person who paused this mailbox with /mute.");
+            }
+            !paused
         });
         if recipients.is_empty() {
             warn!(%mailbox, source, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");

@@ -283,6 +283,46 @@ impl State {
         on_backend!(self.chat_statuses())
     }
 
+    /// Pauses `mailbox` (an address, matched case-insensitively) for `chat_id`: the bot's
+    /// `/mute`. Returns whether it was not muted before.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn mute(&self, chat_id: i64, mailbox: &str) -> anyhow::Result<bool> {
+        let changed =
+            on_backend!(self.set_mute(chat_id, Some(mailbox.to_ascii_lowercase()), true))?;
+        Ok(changed > 0)
+    }
+
+    /// Resumes `mailbox` for `chat_id`, or every mailbox it muted (`None`): the bot's
+    /// `/unmute`. Returns how many mailboxes were muted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn unmute(&self, chat_id: i64, mailbox: Option<&str>) -> anyhow::Result<u64> {
+        on_backend!(self.set_mute(chat_id, mailbox.map(str::to_ascii_lowercase), false))
+    }
+
+    /// The mailboxes `chat_id` muted (addresses in lower case), sorted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn mutes_of(&self, chat_id: i64) -> anyhow::Result<Vec<String>> {
+        on_backend!(self.mutes_of(chat_id))
+    }
+
+    /// The chats that muted `mailbox`: the relay leaves them out of its reports.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn muted_chats(
+        &self,
+        mailbox: &str,
+    ) -> anyhow::Result<std::collections::HashSet<i64>> {
+        let chats = on_backend!(self.muted_chats(mailbox.to_ascii_lowercase()))?;
+        Ok(chats.into_iter().collect())
+    }
+
     /// The refresh token stored for the OAuth2 account `account` (its name in
     /// `imap.accounts`, lower case), if any: the latest one the token endpoint issued.
     ///
@@ -507,6 +547,20 @@ impl State {
     /// A database error.
     pub async fn message_status(&self, id: i64) -> anyhow::Result<Option<MessageStatus>> {
         on_backend!(self.message_status(id))
+    }
+
+    /// The messages received at or after `since` (of `mailbox` only, matched
+    /// case-insensitively, when given), oldest first, each with its outbox rows: what
+    /// `report-relay history` prints. Finished sends are pruned after 30 days.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn messages_since(
+        &self,
+        since: SystemTime,
+        mailbox: Option<&str>,
+    ) -> anyhow::Result<Vec<MessageStatus>> {
+        on_backend!(self.messages_since(since, mailbox.map(str::to_owned)))
     }
 
     /// How the sends of these messages stand (for `replay --mailbox`, which waits for its own

@@ -163,7 +163,95 @@ on_both_backends!(
     recent_sends_are_the_done_rows_with_their_message_counts,
     a_refresh_token_is_stored_per_account_and_replaced,
     http_reports_dedupe_by_key_within_their_window_and_keep_their_source,
+    mutes_are_per_person_and_mailbox,
+    messages_since_lists_reports_with_their_sends,
 );
+
+async fn mutes_are_per_person_and_mailbox(db: Db) {
+    let state = db.open().await;
+    assert!(state.mute(1, "Reports@Example.com").await.unwrap());
+    assert!(!state.mute(1, "reports@example.com").await.unwrap(), "once");
+    assert!(state.mute(1, "ops@example.com").await.unwrap());
+    assert!(state.mute(2, "reports@example.com").await.unwrap());
+    assert_eq!(
+        state.mutes_of(1).await.unwrap(),
+        ["ops@example.com", "reports@example.com"]
+    );
+    let muted = state.muted_chats("REPORTS@example.com").await.unwrap();
+    assert_eq!(muted, [1, 2].into_iter().collect());
+    assert_eq!(
+        state.unmute(1, Some("reports@example.com")).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        state.unmute(1, Some("reports@example.com")).await.unwrap(),
+        0
+    );
+    assert_eq!(state.unmute(2, None).await.unwrap(), 1);
+    assert_eq!(
+        state.muted_chats("reports@example.com").await.unwrap(),
+        Default::default()
+    );
+    assert_eq!(state.mutes_of(1).await.unwrap(), ["ops@example.com"]);
+}
+
+async fn messages_since_lists_reports_with_their_sends(db: Db) {
+    let state = db.open().await;
+    let before = SystemTime::now() - Duration::from_secs(1);
+    state
+        .acknowledge(ack(3, vec![(1, send("a")), (2, send("a")), (1, send("b"))]))
+        .await
+        .unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let first = due.iter().find(|r| r.chat_id == 1).unwrap().id;
+    state.finish_send(first, SendResult::Done).await.unwrap();
+    let two = due.iter().find(|r| r.chat_id == 2).unwrap().id;
+    state
+        .finish_send(
+            two,
+            SendResult::Failed("Forbidden: bot was blocked by the user".into()),
+        )
+        .await
+        .unwrap();
+    let messages = state.messages_since(before, None).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(message.mailbox, "reports@example.com");
+    let sends: Vec<(i64, &str)> = message
+        .sends
+        .iter()
+        .map(|s| (s.chat_id, s.status.as_str()))
+        .collect();
+    assert_eq!(sends, [(1, "done"), (2, "failed"), (1, "pending")]);
+    assert!(message.sends[0].finished_at.is_some());
+    assert!(message.sends[2].finished_at.is_none());
+    assert_eq!(
+        message.sends[1].error.as_deref(),
+        Some("Forbidden: bot was blocked by the user")
+    );
+    let by_mailbox = state
+        .messages_since(before, Some("REPORTS@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(by_mailbox.len(), 1);
+    assert!(
+        state
+            .messages_since(before, Some("other@example.com"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        state
+            .messages_since(SystemTime::now() + Duration::from_secs(5), None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
 
 async fn a_refresh_token_is_stored_per_account_and_replaced(db: Db) {
     use secrecy::{ExposeSecret, SecretString};

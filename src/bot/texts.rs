@@ -9,7 +9,8 @@ pub const START_UNREGISTERED: &str = "Hello! This bot sends you Superset reports
 /// `/help`.
 pub const HELP: &str = "This bot forwards Superset reports to Telegram.\n\n\
 People: send /start in a private chat with the bot and tap “Share my phone number”. If your number is on your administrator's list, you start receiving the reports of your mailboxes at once. /start shows what you receive.\n\n\
-Groups: add the bot to the group and make it an administrator. The group's title must match a group name your administrator configured; the group then receives that group's reports.";
+Groups: add the bot to the group and make it an administrator. The group's title must match a group name your administrator configured; the group then receives that group's reports.\n\n\
+/reports lists what you receive. /mute <address> pauses one mailbox for you; /unmute resumes it.";
 
 /// Header of the list of mailboxes a person or group receives; one `• name` line follows per
 /// mailbox.
@@ -73,4 +74,69 @@ pub fn mailbox_list(names: &[String]) -> String {
         text.push_str(name);
     }
     text
+}
+
+/// `/mute` or `/unmute` in a group.
+pub const MUTE_PRIVATE_ONLY: &str = "Only a person can pause reports, for themselves, in a private chat with the bot. What a group receives is set by your administrator.";
+
+/// One mailbox in the `/reports` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportLine {
+    /// Its display name.
+    pub name: String,
+    /// Its address, which `/mute` and `/unmute` take.
+    pub address: String,
+    /// Whether the person paused it with `/mute`.
+    pub paused: bool,
+}
+
+/// `/reports`: each mailbox the chat receives, or [`NO_MAILBOXES`].
+pub fn reports(lines: &[ReportLine]) -> String {
+    if lines.is_empty() {
+        return NO_MAILBOXES.to_owned();
+    }
+    let mut text = YOU_RECEIVE.to_owned();
+    for line in lines {
+        text.push_str(&format!("\n• {} ({})", line.name, line.address));
+        if line.paused {
+            text.push_str(" (paused)");
+        }
+    }
+    if lines.iter().any(|l| l.paused) {
+        text.push_str("\n\n/unmute resumes the paused ones.");
+    } else {
+        text.push_str("\n\n/mute <address> pauses one for you.");
+    }
+    text
+}
+
+/// `/mute` of a mailbox the person does not receive.
+pub fn not_received(wanted: &str) -> String {
+    if wanted.is_empty() {
+        return "Which reports? Send /mute followed by an address from /reports.".to_owned();
+    }
+    format!("You do not receive “{wanted}”. /reports lists what you receive.")
+}
+
+/// `/mute` done.
+pub fn muted(name: &str, address: &str) -> String {
+    format!("Paused “{name}” for you. /unmute {address} resumes it.")
+}
+
+/// `/unmute` of one mailbox.
+pub fn unmuted(address: &str, was_paused: bool) -> String {
+    if was_paused {
+        format!("Resumed {address}: its next reports come to you again.")
+    } else {
+        format!("{address} was not paused.")
+    }
+}
+
+/// `/unmute` without an argument.
+pub fn unmuted_all(resumed: u64) -> String {
+    match resumed {
+        0 => "Nothing was paused.".to_owned(),
+        1 => "Resumed the paused mailbox.".to_owned(),
+        n => format!("Resumed {n} paused mailboxes."),
+    }
 }

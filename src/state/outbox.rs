@@ -137,7 +137,7 @@ impl Source {
     }
 }
 
-/// One outbox row of a message, for [`State::message_status`].
+/// One outbox row of a message, for [`State::message_status`] and [`State::messages_since`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendStatus {
     /// The recipient `chat_id`.
@@ -146,6 +146,25 @@ pub struct SendStatus {
     pub status: String,
     /// Why it failed, or the last transient error of a pending send.
     pub error: Option<String>,
+    /// When Telegram accepted it, or it failed for good.
+    pub finished_at: Option<SystemTime>,
+}
+
+impl SendStatus {
+    /// An outbox row's `chat_id`, `status`, `error` and `finished_at` (Unix milliseconds).
+    pub(in crate::state) fn from_columns(
+        chat_id: i64,
+        status: String,
+        error: Option<String>,
+        finished_at: Option<i64>,
+    ) -> Self {
+        Self {
+            chat_id,
+            status,
+            error,
+            finished_at: finished_at.map(crate::state::from_millis),
+        }
+    }
 }
 
 /// A stored message with its outbox rows ([`State::message_status`]).
@@ -248,4 +267,22 @@ pub enum SendResult {
     Done,
     /// It will not be retried; the reason is logged and stored.
     Failed(String),
+}
+
+/// Puts each `(message_id, send)` into its message's `sends`, in order; both lists are sorted
+/// by message id.
+pub(in crate::state) fn attach_sends(
+    mut messages: Vec<MessageStatus>,
+    sends: Vec<(i64, SendStatus)>,
+) -> Vec<MessageStatus> {
+    let mut index = 0;
+    for (message_id, send) in sends {
+        while index < messages.len() && messages[index].id < message_id {
+            index += 1;
+        }
+        if let Some(message) = messages.get_mut(index).filter(|m| m.id == message_id) {
+            message.sends.push(send);
+        }
+    }
+    messages
 }

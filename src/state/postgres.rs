@@ -41,6 +41,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "state", include_str!("postgres/0001_state.sql")),
     (2, "oauth", include_str!("postgres/0002_oauth.sql")),
     (3, "ingest", include_str!("postgres/0003_ingest.sql")),
+    (6, "mutes", include_str!("postgres/0006_mutes.sql")),
 ];
 
 /// A handle on the PostgreSQL state; cheap to clone.
@@ -225,6 +226,51 @@ impl Postgres {
         timed(
             "Failed to read the chat statuses",
             sqlx::query_as("SELECT chat_id, status FROM chat_status").fetch_all(&self.pool),
+        )
+        .await
+    }
+
+    pub(super) async fn set_mute(
+        &self,
+        chat_id: i64,
+        mailbox: Option<String>,
+        muted: bool,
+    ) -> anyhow::Result<u64> {
+        let query = match (muted, mailbox) {
+            (true, Some(mailbox)) => sqlx::query(
+                "INSERT INTO mutes (chat_id, mailbox, muted_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (chat_id, mailbox) DO NOTHING",
+            )
+            .bind(chat_id)
+            .bind(mailbox)
+            .bind(millis(SystemTime::now())),
+            (false, Some(mailbox)) => {
+                sqlx::query("DELETE FROM mutes WHERE chat_id = $1 AND mailbox = $2")
+                    .bind(chat_id)
+                    .bind(mailbox)
+            }
+            (_, None) => sqlx::query("DELETE FROM mutes WHERE chat_id = $1").bind(chat_id),
+        };
+        let done = timed("Failed to write a mute", query.execute(&self.pool)).await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn mutes_of(&self, chat_id: i64) -> anyhow::Result<Vec<String>> {
+        timed(
+            "Failed to read the mutes",
+            sqlx::query_scalar("SELECT mailbox FROM mutes WHERE chat_id = $1 ORDER BY mailbox")
+                .bind(chat_id)
+                .fetch_all(&self.pool),
+        )
+        .await
+    }
+
+    pub(super) async fn muted_chats(&self, mailbox: String) -> anyhow::Result<Vec<i64>> {
+        timed(
+            "Failed to read the mutes",
+            sqlx::query_scalar("SELECT chat_id FROM mutes WHERE mailbox = $1")
+                .bind(mailbox)
+                .fetch_all(&self.pool),
         )
         .await
     }

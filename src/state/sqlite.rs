@@ -267,6 +267,62 @@ impl Sqlite {
 }
 
 impl Sqlite {
+    /// Mutes (`muted`) or unmutes `mailbox` (lower case) for `chat_id`; `None` unmutes every
+    /// mailbox. Returns how many rows changed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn set_mute(
+        &self,
+        chat_id: i64,
+        mailbox: Option<String>,
+        muted: bool,
+    ) -> anyhow::Result<u64> {
+        self.with(move |conn| {
+            let changed = match (muted, mailbox) {
+                (true, Some(mailbox)) => conn.execute(
+                    "INSERT OR IGNORE INTO mutes (chat_id, mailbox, muted_at) VALUES (?1, ?2, ?3)",
+                    params![chat_id, mailbox, millis(SystemTime::now())],
+                )?,
+                (false, Some(mailbox)) => conn.execute(
+                    "DELETE FROM mutes WHERE chat_id = ?1 AND mailbox = ?2",
+                    params![chat_id, mailbox],
+                )?,
+                (_, None) => conn.execute("DELETE FROM mutes WHERE chat_id = ?1", [chat_id])?,
+            };
+            Ok(changed as u64)
+        })
+        .await
+    }
+
+    /// The mailboxes `chat_id` muted, sorted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn mutes_of(&self, chat_id: i64) -> anyhow::Result<Vec<String>> {
+        self.with(move |conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT mailbox FROM mutes WHERE chat_id = ?1 ORDER BY mailbox")?;
+            let rows = statement.query_map([chat_id], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+    }
+
+    /// The chats that muted `mailbox` (lower case).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn muted_chats(&self, mailbox: String) -> anyhow::Result<Vec<i64>> {
+        self.with(move |conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT chat_id FROM mutes WHERE mailbox = ?1")?;
+            let rows = statement.query_map([mailbox], |row| row.get(0))?;
+            Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+        })
+        .await
+    }
+
     /// The refresh token stored for `account`, if any.
     ///
     /// # Errors

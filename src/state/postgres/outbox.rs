@@ -18,6 +18,10 @@ fn window_millis(window: std::time::Duration) -> i64 {
     i64::try_from(window.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// An outbox row as `messages_since` reads it: `message_id`, `chat_id`, `status`, `error`,
+/// `finished_at`.
+type SendRow = (i64, i64, String, Option<String>, Option<i64>);
+
 /// The `LISTEN/NOTIFY` channel on which an acknowledgement with sends announces them.
 pub const OUTBOX_CHANNEL: &str = "report_relay_outbox";
 
@@ -451,21 +455,72 @@ impl Postgres {
                 received_at: from_millis(row.try_get(5)?),
                 sends: Vec::new(),
             };
-            let sends: Vec<(i64, String, Option<String>)> = sqlx::query_as(
-                "SELECT chat_id, status, error FROM outbox WHERE message_id = $1 ORDER BY id",
+            let sends: Vec<(i64, String, Option<String>, Option<i64>)> = sqlx::query_as(
+                "SELECT chat_id, status, error, finished_at FROM outbox WHERE message_id = $1
+                 ORDER BY id",
             )
             .bind(id)
             .fetch_all(&self.pool)
             .await?;
             message.sends = sends
                 .into_iter()
-                .map(|(chat_id, status, error)| SendStatus {
-                    chat_id,
-                    status,
-                    error,
+                .map(|(chat_id, status, error, finished_at)| {
+                    SendStatus::from_columns(chat_id, status, error, finished_at)
                 })
                 .collect();
             Ok::<_, anyhow::Error>(Some(message))
+        })
+        .await
+    }
+
+    pub(in crate::state) async fn messages_since(
+        &self,
+        since: SystemTime,
+        mailbox: Option<String>,
+    ) -> anyhow::Result<Vec<MessageStatus>> {
+        timed("Failed to read the messages", async {
+            let rows = sqlx::query(
+                "SELECT id, mailbox, source, title, outcome, detail, received_at FROM messages
+                 WHERE received_at >= $1 AND ($2::text IS NULL OR lower(mailbox) = lower($2))
+                 ORDER BY id",
+            )
+            .bind(millis(since))
+            .bind(&mailbox)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut messages = Vec::with_capacity(rows.len());
+            for row in rows {
+                messages.push(MessageStatus {
+                    id: row.try_get(0)?,
+                    mailbox: row.try_get(1)?,
+                    source: Source::from_column(row.try_get(2)?),
+                    title: row.try_get(3)?,
+                    outcome: MessageOutcome::from_column(row.try_get(4)?),
+                    detail: row.try_get(5)?,
+                    received_at: from_millis(row.try_get(6)?),
+                    sends: Vec::new(),
+                });
+            }
+            let sends: Vec<SendRow> = sqlx::query_as(
+                "SELECT o.message_id, o.chat_id, o.status, o.error, o.finished_at
+                 FROM outbox o JOIN messages m ON m.id = o.message_id
+                 WHERE m.received_at >= $1 AND ($2::text IS NULL OR lower(m.mailbox) = lower($2))
+                 ORDER BY o.message_id, o.id",
+            )
+            .bind(millis(since))
+            .bind(&mailbox)
+            .fetch_all(&self.pool)
+            .await?;
+            let sends = sends
+                .into_iter()
+                .map(|(message_id, chat_id, status, error, finished_at)| {
+                    (
+                        message_id,
+                        SendStatus::from_columns(chat_id, status, error, finished_at),
+                    )
+                })
+                .collect();
+            Ok::<_, anyhow::Error>(crate::state::outbox::attach_sends(messages, sends))
         })
         .await
     }

@@ -453,19 +453,74 @@ impl Sqlite {
                 return Ok(None);
             };
             let mut statement = conn.prepare_cached(
-                "SELECT chat_id, status, error FROM outbox WHERE message_id = ?1 ORDER BY id",
+                "SELECT chat_id, status, error, finished_at FROM outbox WHERE message_id = ?1
+                 ORDER BY id",
             )?;
             let rows = statement.query_map([id], |row| {
-                Ok(SendStatus {
-                    chat_id: row.get(0)?,
-                    status: row.get(1)?,
-                    error: row.get(2)?,
-                })
+                Ok(SendStatus::from_columns(
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                ))
             })?;
             for row in rows {
                 message.sends.push(row?);
             }
             Ok(Some(message))
+        })
+        .await
+    }
+
+    /// The messages received at or after `since` (of `mailbox` only, case-insensitively, when
+    /// given), oldest first, each with its outbox rows.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn messages_since(
+        &self,
+        since: SystemTime,
+        mailbox: Option<String>,
+    ) -> anyhow::Result<Vec<MessageStatus>> {
+        self.with(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, mailbox, source, title, outcome, detail, received_at FROM messages
+                 WHERE received_at >= ?1 AND (?2 IS NULL OR lower(mailbox) = lower(?2))
+                 ORDER BY id",
+            )?;
+            let rows = statement.query_map(params![millis(since), mailbox], |row| {
+                Ok(MessageStatus {
+                    id: row.get(0)?,
+                    mailbox: row.get(1)?,
+                    source: Source::from_column(&row.get::<_, String>(2)?),
+                    title: row.get(3)?,
+                    outcome: MessageOutcome::from_column(&row.get::<_, String>(4)?),
+                    detail: row.get(5)?,
+                    received_at: from_millis(row.get(6)?),
+                    sends: Vec::new(),
+                })
+            })?;
+            let mut messages = Vec::new();
+            for row in rows {
+                messages.push(row?);
+            }
+            let mut statement = conn.prepare_cached(
+                "SELECT o.message_id, o.chat_id, o.status, o.error, o.finished_at
+                 FROM outbox o JOIN messages m ON m.id = o.message_id
+                 WHERE m.received_at >= ?1 AND (?2 IS NULL OR lower(m.mailbox) = lower(?2))
+                 ORDER BY o.message_id, o.id",
+            )?;
+            let rows = statement.query_map(params![millis(since), mailbox], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    SendStatus::from_columns(row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?),
+                ))
+            })?;
+            let mut sends = Vec::new();
+            for row in rows {
+                sends.push(row?);
+            }
+            Ok(crate::state::outbox::attach_sends(messages, sends))
         })
         .await
     }

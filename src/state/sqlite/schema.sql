@@ -84,3 +84,11 @@ CREATE TABLE IF NOT EXISTS ingest_keys (
     message_id INTEGER,
     created_at INTEGER NOT NULL
 );
+-- Mailboxes a person paused for themselves with the bot's /mute (the sysadmin's table is not
+-- changed); /unmute removes them. `mailbox` is the address in lower case.
+CREATE TABLE IF NOT EXISTS mutes (
+    chat_id   INTEGER NOT NULL,
+    mailbox   TEXT NOT NULL,
+    muted_at  INTEGER NOT NULL,
+    PRIMARY KEY (chat_id, mailbox)
+);
