@@ -84,3 +84,9 @@ CREATE TABLE IF NOT EXISTS ingest_keys (
     message_id INTEGER,
     created_at INTEGER NOT NULL
 );
+-- SeaTable's delivery log (`seatable.delivery_log`): the reports already appended to the
+-- `deliveries` table, marked only after SeaTable accepted the batch. Pruned with the messages.
+CREATE TABLE IF NOT EXISTS delivery_log (
+    message_id INTEGER PRIMARY KEY,
+    logged_at  INTEGER NOT NULL
+);
