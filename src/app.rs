@@ -271,6 +271,22 @@ pub async fn run_reloading(
         }
     }));
 
+    if config.seatable.delivery_log {
+        // On the replica that delivers, so that one replica writes the log.
+        let work = crate::delivery_log::lease_work(
+            backend.client().clone(),
+            state.clone(),
+            directory.clone(),
+            config.seatable.tables.clone(),
+        );
+        tracker.spawn(run_while_held(
+            replica.clone(),
+            DELIVERY,
+            cancel.clone(),
+            work,
+        ));
+    }
+
     let last_uid = Arc::new(LastUidWriter::new(
         backend.clone(),
         state.clone(),
@@ -588,6 +604,9 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                     text: format!("seatable: {error:#}"),
                 }),
             }
+            if config.seatable.delivery_log {
+                lines.push(crate::delivery_log::check_line(&client, &config.seatable.tables).await);
+            }
             let backend = SeaTableBackend::new(client.clone(), config.seatable.tables.clone());
             match backend.fetch().await {
                 Ok(s) => {
@@ -769,5 +788,13 @@ pub async fn oauth_login(
 pub async fn schema_apply(config: &Config) -> anyhow::Result<Vec<String>> {
     let client = seatable_client(config, Arc::new(Metrics::new()))?;
     let schema = Schema::bundled().with_table_names(&config.seatable.tables);
-    Ok(crate::schema::apply(&client, &schema).await?)
+    let mut created = crate::schema::apply(&client, &schema).await?;
+    if config.seatable.delivery_log {
+        let tables = &config.seatable.tables;
+        created.extend(
+            crate::delivery_log::table::apply(&client, &tables.deliveries, &tables.mailboxes)
+                .await?,
+        );
+    }
+    Ok(created)
 }

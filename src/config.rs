@@ -196,6 +196,12 @@ pub struct SeaTableConfig {
     /// Table names; the defaults match `seatable-schema/`.
     #[serde(default)]
     pub tables: TableNames,
+    /// Whether to write one row per delivered report to the `deliveries` table
+    /// (`seatable.tables.deliveries`), in the background after its sends finished. Off by
+    /// default; a base without the table leaves it off, with a warning.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub delivery_log: bool,
 }
 
 /// `seatable.tables:`: the names of the three tables.
@@ -211,6 +217,9 @@ pub struct TableNames {
     /// Telegram groups: `Name`, `id_telegram_chat`, `is_locked`, `mailboxes`.
     #[serde(default = "default_groups_table")]
     pub groups: String,
+    /// The delivery log (`seatable.delivery_log`): one row per report.
+    #[serde(default = "default_deliveries_table")]
+    pub deliveries: String,
 }
 
 impl Default for TableNames {
@@ -219,6 +228,7 @@ impl Default for TableNames {
             users: default_users_table(),
             mailboxes: default_mailboxes_table(),
             groups: default_groups_table(),
+            deliveries: default_deliveries_table(),
         }
     }
 }
@@ -514,6 +524,9 @@ fn default_mailboxes_table() -> String {
 }
 fn default_groups_table() -> String {
     "t_chats".to_owned()
+}
+fn default_deliveries_table() -> String {
+    "deliveries".to_owned()
 }
 fn default_imap_port() -> u16 {
     993

@@ -21,6 +21,8 @@
 //! - [`delivery`]: drains the outbox into the Bot API within Telegram's limits over every
 //!   sliding window (its pacer in `delivery/limits.rs`, error classes in
 //!   `delivery/classify.rs`), uploading each file once.
+//! - [`delivery_log`]: with `seatable.delivery_log: true`, one row per finished report in
+//!   SeaTable's `deliveries` table, appended in batches in the background after delivery.
 //! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
 //! - [`replica`]: on a shared PostgreSQL state, the leases that decide which replica watches
 //!   which mailbox, delivers, and polls getUpdates.
@@ -39,6 +41,7 @@ pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod delivery_log;
 pub mod directory;
 pub mod history;
 pub mod http;

@@ -617,6 +617,7 @@ mod tests {
             users: "people".to_owned(),
             mailboxes: "boxes".to_owned(),
             groups: "groups".to_owned(),
+            deliveries: "deliveries".to_owned(),
         };
         let schema = Schema::bundled().with_table_names(&names);
         let table_names: Vec<&str> = schema.tables.iter().map(|t| t.name.as_str()).collect();

@@ -369,6 +369,44 @@ impl SeaTableClient {
         Ok(ids)
     }
 
+    /// Links rows of `table` to rows of `other_table` through the link column whose
+    /// `link_id` is given (from [`Self::metadata`]): `POST links/` (§3.6) with
+    /// `other_rows_ids_map` `{row_id: [other_row_id, …]}`. Links that exist stay as they are,
+    /// so linking again is harmless; still not retried on 5xx or network errors.
+    ///
+    /// # Errors
+    /// [`SeaTableError::Api`] (400) for an unknown `link_id` or tables it does not link; the
+    /// transport errors.
+    pub async fn add_links(
+        &self,
+        link_id: &str,
+        table: &str,
+        other_table: &str,
+        links: &[(String, Vec<String>)],
+    ) -> Result<(), SeaTableError> {
+        let map: Map<String, Value> = links
+            .iter()
+            .map(|(row, others)| (row.clone(), json!(others)))
+            .collect();
+        let body = json!({
+            "link_id": link_id,
+            "table_name": table,
+            "other_table_name": other_table,
+            "other_rows_ids_map": map,
+        });
+        let reply: SuccessReply = self
+            .gateway(Method::POST, &["links"], &[], Some(body), Idempotent::No)
+            .await?;
+        if reply.success == Some(false) {
+            return Err(SeaTableError::Api {
+                status: 200,
+                error_type: None,
+                message: "POST links/: success is false".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs one SQL statement (`POST sql/`, `convert_keys: true`, §2.3) with `?` placeholders
     /// bound to `params` in order (strings or integers), and returns the result rows keyed by
     /// column name.

@@ -18,11 +18,13 @@ use serde::{Deserialize, Serialize};
 pub use crate::imap::Checkpoint;
 use crate::report::render::ItemKind;
 
+mod delivery_log;
 mod files;
 mod outbox;
 mod postgres;
 mod sqlite;
 
+pub use self::delivery_log::{FinishedReport, FinishedSend};
 pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus, OutboxItem,
@@ -570,5 +572,23 @@ impl State {
     /// A database error.
     pub async fn send_counts(&self, message_ids: Vec<i64>) -> anyhow::Result<SendCounts> {
         on_backend!(self.send_counts(message_ids))
+    }
+
+    /// Up to `limit` reports whose sends have all finished and that are not yet in SeaTable's
+    /// delivery log ([`State::mark_logged`]), oldest first, each with its outbox rows.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn unlogged_reports(&self, limit: usize) -> anyhow::Result<Vec<FinishedReport>> {
+        on_backend!(self.unlogged_reports(limit))
+    }
+
+    /// Marks these messages as in SeaTable's delivery log (called once SeaTable accepted
+    /// them); marking one twice is harmless.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn mark_logged(&self, message_ids: Vec<i64>) -> anyhow::Result<()> {
+        on_backend!(self.mark_logged(message_ids))
     }
 }

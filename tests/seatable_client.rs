@@ -630,6 +630,7 @@ async fn apply_and_missing_follow_the_configured_table_names() {
         users: "people".to_owned(),
         mailboxes: "boxes".to_owned(),
         groups: "groups".to_owned(),
+        deliveries: "deliveries".to_owned(),
     };
     let schema = Schema::bundled().with_table_names(&names);
     let created = schema::apply(&client, &schema).await.unwrap();

@@ -165,7 +165,93 @@ on_both_backends!(
     http_reports_dedupe_by_key_within_their_window_and_keep_their_source,
     mutes_are_per_person_and_mailbox,
     messages_since_lists_reports_with_their_sends,
+    finished_reports_are_listed_for_the_delivery_log_until_marked,
 );
+
+async fn finished_reports_are_listed_for_the_delivery_log_until_marked(db: Db) {
+    let state = db.open().await;
+    // Report 1: two recipients, one of them with two sends. Report 2: one recipient.
+    state
+        .acknowledge(ack(
+            1,
+            vec![(10, send("a")), (20, send("b")), (20, send("c"))],
+        ))
+        .await
+        .unwrap();
+    state
+        .acknowledge(ack(2, vec![(30, send("d"))]))
+        .await
+        .unwrap();
+    // Nothing is finished yet.
+    assert!(state.unlogged_reports(10).await.unwrap().is_empty());
+
+    let rows = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3, "the head row of chats 10, 20 and 30");
+    // Finish every row of report 1: chat 10 done, chat 20 fails for good (rest failed too).
+    let first = rows.iter().find(|r| r.chat_id == 10).unwrap();
+    state.finish_send(first.id, SendResult::Done).await.unwrap();
+    let twenty = rows.iter().find(|r| r.chat_id == 20).unwrap();
+    state
+        .finish_send(
+            twenty.id,
+            SendResult::Failed("Forbidden: bot was blocked by the user".into()),
+        )
+        .await
+        .unwrap();
+    state
+        .fail_rest_of_message(
+            twenty.message_id,
+            20,
+            "Forbidden: bot was blocked by the user".into(),
+        )
+        .await
+        .unwrap();
+
+    // Report 1 is finished; report 2 still has a pending send, so it is not listed.
+    let unlogged = state.unlogged_reports(10).await.unwrap();
+    assert_eq!(unlogged.len(), 1, "{unlogged:?}");
+    let report = &unlogged[0];
+    assert_eq!(report.message_id, first.message_id);
+    assert_eq!(report.mailbox, "reports@example.com");
+    assert_eq!(report.title, "T");
+    assert_eq!(report.source, Source::Imap);
+    let outcomes: Vec<(i64, bool, Option<&str>)> = report
+        .sends
+        .iter()
+        .map(|s| (s.chat_id, s.done, s.error.as_deref()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (10, true, None),
+            (20, false, Some("Forbidden: bot was blocked by the user")),
+            (20, false, Some("Forbidden: bot was blocked by the user")),
+        ]
+    );
+    assert!(report.sends[0].finished_at.is_some());
+
+    // Marked (twice is harmless), it is never listed again, also after a reopen.
+    state.mark_logged(vec![report.message_id]).await.unwrap();
+    state.mark_logged(vec![report.message_id]).await.unwrap();
+    assert!(state.unlogged_reports(10).await.unwrap().is_empty());
+    drop(state);
+    let state = db.open().await;
+    assert!(state.unlogged_reports(10).await.unwrap().is_empty());
+
+    // Report 2 finishes and is listed; the limit counts reports, not rows.
+    let thirty = rows.iter().find(|r| r.chat_id == 30).unwrap();
+    state
+        .finish_send(thirty.id, SendResult::Done)
+        .await
+        .unwrap();
+    let unlogged = state.unlogged_reports(1).await.unwrap();
+    assert_eq!(unlogged.len(), 1);
+    assert_eq!(unlogged[0].sends.len(), 1);
+    assert_eq!(unlogged[0].sends[0].chat_id, 30);
+}
 
 async fn mutes_are_per_person_and_mailbox(db: Db) {
     let state = db.open().await;

@@ -344,3 +344,22 @@ fn http_ingest_keys_have_defaults_and_are_checked() {
         .to_string();
     assert!(error.contains("http.api_tokens[0].mailboxes"), "{error}");
 }
+
+#[test]
+fn the_delivery_log_is_off_by_default_and_names_its_table() {
+    let config = load(MINIMAL).unwrap();
+    assert!(!config.seatable.delivery_log);
+    assert_eq!(config.seatable.tables.deliveries, "deliveries");
+    let config = load(&format!(
+        "{MINIMAL}  delivery_log: true\n  tables:\n    deliveries: report_log\n"
+    ))
+    .unwrap();
+    assert!(config.seatable.delivery_log);
+    assert_eq!(config.seatable.tables.deliveries, "report_log");
+    assert_eq!(config.seatable.tables.users, "users");
+    let error = load(&format!("{MINIMAL}  delivery_log: sometimes\n")).unwrap_err();
+    assert!(
+        error.to_string().contains("seatable.delivery_log"),
+        "{error}"
+    );
+}

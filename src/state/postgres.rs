@@ -22,6 +22,7 @@ use crate::report::render::ItemKind;
 use crate::state::files::kind_name;
 use crate::state::{Fence, StoredRefreshToken, millis};
 
+mod delivery_log;
 mod lease;
 mod notify;
 mod outbox;
@@ -41,6 +42,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "state", include_str!("postgres/0001_state.sql")),
     (2, "oauth", include_str!("postgres/0002_oauth.sql")),
     (3, "ingest", include_str!("postgres/0003_ingest.sql")),
+    (5, "alerts", include_str!("postgres/0005_alerts.sql")),
     (6, "mutes", include_str!("postgres/0006_mutes.sql")),
 ];
 

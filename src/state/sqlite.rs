@@ -16,6 +16,7 @@ use super::SNAPSHOT_KEY;
 use crate::imap::Checkpoint;
 use crate::state::{StoredRefreshToken, millis};
 
+mod delivery_log;
 mod files;
 mod outbox;
 

@@ -58,6 +58,8 @@ pub struct Tuning {
     pub account: Option<String>,
     /// More `http:` keys (indented by two spaces), e.g. `tls:` or `api_tokens:`.
     pub http_extra: String,
+    /// More `seatable:` keys (indented by two spaces), e.g. `delivery_log: true`.
+    pub seatable_extra: String,
 }
 
 impl Default for Tuning {
@@ -72,6 +74,7 @@ impl Default for Tuning {
             default_country_code: None,
             account: None,
             http_extra: String::new(),
+            seatable_extra: String::new(),
         }
     }
 }
@@ -250,6 +253,7 @@ seatable:
   api_token: "{seatable_token}"
   cache_ttl_secs: {ttl}
   reload_secs: {reload}
+{seatable_extra}
 imap:
   host: 127.0.0.1
   port: {imap_port}
@@ -288,6 +292,7 @@ http:
                 .unwrap_or_else(|| format!("      password: \"{PASSWORD}\"")),
             concurrency = tuning.concurrency,
             http_extra = tuning.http_extra,
+            seatable_extra = tuning.seatable_extra,
         )
     }
 

@@ -397,6 +397,12 @@ impl Postgres {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            sqlx::query(
+                "DELETE FROM delivery_log
+                  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = delivery_log.message_id)",
+            )
+            .execute(&mut *tx)
+            .await?;
             deleted += sqlx::query(
                 "DELETE FROM files WHERE last_used_at < $1
                    AND NOT EXISTS (SELECT 1 FROM outbox o

@@ -390,6 +390,11 @@ impl Sqlite {
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = messages.id)",
                 [cutoff],
             )?;
+            tx.execute(
+                "DELETE FROM delivery_log
+                  WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = delivery_log.message_id)",
+                [],
+            )?;
             deleted += tx.execute(
                 "DELETE FROM files WHERE last_used_at < ?1
                    AND NOT EXISTS (SELECT 1 FROM outbox o

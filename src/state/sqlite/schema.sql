@@ -92,3 +92,9 @@ CREATE TABLE IF NOT EXISTS mutes (
     muted_at  INTEGER NOT NULL,
     PRIMARY KEY (chat_id, mailbox)
 );
+-- SeaTable's delivery log (`seatable.delivery_log`): the reports already appended to the
+-- `deliveries` table, marked only after SeaTable accepted the batch. Pruned with the messages.
+CREATE TABLE IF NOT EXISTS delivery_log (
+    message_id INTEGER PRIMARY KEY,
+    logged_at  INTEGER NOT NULL
+);
