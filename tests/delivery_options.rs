@@ -197,3 +197,28 @@ async fn check_names_unusable_rows_and_the_features_an_old_base_lacks() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_start_up_an_old_base_and_an_unusable_filter_are_named_in_warnings() {
+    let stack = Stack::new().await;
+    let mailbox = stack.mailbox_row.clone();
+    let eve = stack.add_user("Eve", Some(EVE), &[&mailbox]);
+    stack
+        .seatable
+        .update_row("users", &eve, json!({"reports_filter": "/(weekly/"}));
+    stack.seatable.remove_column("t_chats", "topic");
+    let log = stack.dir.path().join("relay.log");
+    let mut child = stack.spawn_binary_logging(&Tuning::default(), &log, "warn");
+    stack.wait_ready(1).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("table t_chats has no column topic: forum topics are off"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("An unusable reports_filter") && logged.contains(&eve),
+        "{logged}"
+    );
+}
