@@ -595,10 +595,21 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                 text: format!("seatable: logged in to {}", config.seatable.server_url),
             });
             match crate::schema::check(&client, &config.seatable.tables).await {
-                Ok(()) => lines.push(CheckLine {
-                    ok: true,
-                    text: "seatable: every table and column the relay needs exists".into(),
-                }),
+                Ok(inspection) => {
+                    lines.push(CheckLine {
+                        ok: true,
+                        text: "seatable: every table and column the relay needs exists".into(),
+                    });
+                    if !inspection.features_off.is_empty() {
+                        lines.push(CheckLine {
+                            ok: true,
+                            text: format!(
+                                "seatable: warning: {}",
+                                crate::schema::features_off_warning(&inspection.features_off)
+                            ),
+                        });
+                    }
+                }
                 Err(error) => lines.push(CheckLine {
                     ok: false,
                     text: format!("seatable: {error:#}"),
@@ -620,6 +631,12 @@ pub async fn check(config: &Config) -> Vec<CheckLine> {
                             s.groups.len()
                         ),
                     });
+                    for problem in s.option_problems() {
+                        lines.push(CheckLine {
+                            ok: false,
+                            text: format!("seatable: {problem}"),
+                        });
+                    }
                     snapshot = Some(s);
                 }
                 Err(error) => lines.push(CheckLine {

@@ -591,6 +591,7 @@ mod tests {
             phone: phone.into(),
             mailbox_ids: Vec::new(),
             telegram_id: None,
+            reports_filter: None,
         };
         let users = [
             user("ru-474", "+7 474 123-45-67"),

@@ -31,13 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
-use teloxide::RequestError;
-use teloxide::payloads::{SendDocumentSetters, SendMessageSetters, SendPhotoSetters};
-use teloxide::prelude::{Requester, *};
-use teloxide::types::{
-    ChatId, FileId, InputFile, InputMedia, InputMediaDocument, InputMediaPhoto, LinkPreviewOptions,
-    Message, ParseMode,
-};
+use teloxide::prelude::*;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -45,18 +39,20 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::TelegramLimits;
 use crate::metrics::Metrics;
-use crate::report::render::{ItemKind, Method};
-use crate::state::{OutboxItem, OutboxRow, OutboxSend, SendResult, Source, State};
+use crate::report::render::ItemKind;
+use crate::state::{OutboxRow, OutboxSend, SendResult, Source, State};
 
 mod admission;
 mod classify;
 mod limits;
+mod request;
 
 pub use self::classify::{Failure, classify, classify_description};
 pub use self::limits::Pacer;
 
 use self::admission::{Admission, FileKey, Files, Finished, InFlight};
-use self::classify::recipient_unreachable;
+use self::classify::{recipient_unreachable, topic_unusable};
+use self::request::as_documents;
 
 /// How the directory hears about chats the worker learned something about.
 pub trait ChatEvents: Send + Sync + 'static {
@@ -459,11 +455,21 @@ impl Inner {
                 "ok"
             }
             Err(Failure::Permanent(reason)) => {
-                warn!(chat_id, %reason, "Telegram refused the send for good; not retrying.");
+                let topic_gone =
+                    row.send.options.message_thread_id.is_some() && topic_unusable(&reason);
+                if let (true, Some(message_thread_id)) =
+                    (topic_gone, row.send.options.message_thread_id)
+                {
+                    error!(chat_id, message_thread_id, %reason,
+                           "The group's topic (t_chats.topic) was deleted or closed; this group gets nothing until the topic is fixed (never the General topic).");
+                } else {
+                    warn!(chat_id, %reason, "Telegram refused the send for good; not retrying.");
+                }
                 self.fail(row.id, &reason).await;
-                // Only when the recipient itself is out of reach do the report's other sends
-                // to it go too; a refused payload (a caption, a file) leaves the rest alone.
-                if recipient_unreachable(&reason)
+                // Only when the recipient itself (or its topic) is out of reach do the report's
+                // other sends to it go too; a refused payload (a caption, a file) leaves the
+                // rest alone.
+                if (topic_gone || recipient_unreachable(&reason))
                     && let Err(error) = self
                         .state
                         .fail_rest_of_message(row.message_id, chat_id, reason.clone())
@@ -623,155 +629,6 @@ impl Inner {
         Err(Failure::Transient(
             "too many recoveries for one send".into(),
         ))
-    }
-
-    /// Resolves files (a stored `file_id`, else the bytes to upload), calls the Bot API once
-    /// and stores any new `file_id`s.
-    async fn send_once(&self, chat_id: i64, send: &OutboxSend) -> Result<(), Failure> {
-        let mut media = Vec::with_capacity(send.items.len());
-        for item in &send.items {
-            media.push(self.input_file(item).await?);
-        }
-        let chat = ChatId(chat_id);
-        let bot = &self.bot;
-        let result: Result<Vec<Message>, RequestError> = match send.method {
-            Method::SendMessage => bot
-                .send_message(chat, send.text.clone().unwrap_or_default())
-                .parse_mode(ParseMode::Html)
-                .link_preview_options(no_preview())
-                .await
-                .map(|m| vec![m]),
-            Method::SendPhoto | Method::SendDocument if send.items.len() == 1 => {
-                let (item, file) = (&send.items[0], media.remove(0));
-                match item.kind {
-                    ItemKind::Photo => {
-                        let mut request = bot.send_photo(chat, file);
-                        if let Some(caption) = &item.caption {
-                            request = request.caption(caption.clone()).parse_mode(ParseMode::Html);
-                        }
-                        request.await.map(|m| vec![m])
-                    }
-                    ItemKind::Document => {
-                        let mut request = bot.send_document(chat, file);
-                        if let Some(caption) = &item.caption {
-                            request = request.caption(caption.clone()).parse_mode(ParseMode::Html);
-                        }
-                        request.await.map(|m| vec![m])
-                    }
-                }
-            }
-            _ => {
-                let group: Vec<InputMedia> = send
-                    .items
-                    .iter()
-                    .zip(media)
-                    .map(|(item, file)| match item.kind {
-                        ItemKind::Photo => {
-                            let mut m = InputMediaPhoto::new(file);
-                            if let Some(caption) = &item.caption {
-                                m = m.caption(caption.clone()).parse_mode(ParseMode::Html);
-                            }
-                            InputMedia::Photo(m)
-                        }
-                        ItemKind::Document => {
-                            let mut m = InputMediaDocument::new(file);
-                            if let Some(caption) = &item.caption {
-                                m = m.caption(caption.clone()).parse_mode(ParseMode::Html);
-                            }
-                            InputMedia::Document(m)
-                        }
-                    })
-                    .collect();
-                bot.send_media_group(chat, group).await
-            }
-        };
-        let status = match &result {
-            Ok(_) => "ok".to_owned(),
-            Err(RequestError::RetryAfter(_)) => "429".to_owned(),
-            Err(RequestError::Api(_) | RequestError::MigrateToChatId(_)) => "error".to_owned(),
-            Err(_) => "network".to_owned(),
-        };
-        self.metrics
-            .telegram_requests
-            .get_or_create(&vec![
-                ("method", send.method.as_str().to_owned()),
-                ("status", status),
-            ])
-            .inc();
-        let messages = result.map_err(|e| classify(&e))?;
-        for (item, message) in send.items.iter().zip(&messages) {
-            if let Some(file_id) = returned_file_id(message, item.kind)
-                && let Err(error) = self
-                    .state
-                    .store_file_id(&item.sha256, item.kind, &file_id)
-                    .await
-            {
-                warn!(
-                    error = format!("{error:#}"),
-                    "Cannot store a file_id; the file will be uploaded again."
-                );
-            }
-        }
-        Ok(())
-    }
-
-    async fn input_file(&self, item: &OutboxItem) -> Result<InputFile, Failure> {
-        let known = self
-            .state
-            .file_id(&item.sha256, item.kind)
-            .await
-            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
-        if let Some(file_id) = known {
-            return Ok(InputFile::file_id(FileId(file_id)));
-        }
-        let bytes = self
-            .state
-            .file_bytes(&item.sha256)
-            .await
-            .map_err(|e| Failure::Permanent(format!("{e:#}")))?;
-        Ok(InputFile::memory(bytes).file_name(item.file_name.clone()))
-    }
-}
-
-fn no_preview() -> LinkPreviewOptions {
-    LinkPreviewOptions {
-        is_disabled: true,
-        url: None,
-        prefer_small_media: false,
-        prefer_large_media: false,
-        show_above_text: false,
-    }
-}
-
-/// The `file_id` in a sent message: the largest photo size (the last), or the document.
-fn returned_file_id(message: &Message, kind: ItemKind) -> Option<String> {
-    match kind {
-        ItemKind::Photo => message
-            .photo()
-            .and_then(|sizes| sizes.last())
-            .map(|size| size.file.id.0.clone()),
-        ItemKind::Document => message.document().map(|d| d.file.id.0.clone()),
-    }
-}
-
-/// The same send with every photo as a document (photo albums become document albums).
-fn as_documents(send: &OutboxSend) -> OutboxSend {
-    let items = send
-        .items
-        .iter()
-        .map(|item| OutboxItem {
-            kind: ItemKind::Document,
-            ..item.clone()
-        })
-        .collect();
-    let method = match send.method {
-        Method::SendPhoto => Method::SendDocument,
-        other => other,
-    };
-    OutboxSend {
-        method,
-        items,
-        text: send.text.clone(),
     }
 }
 

@@ -24,13 +24,15 @@ use tracing::{debug, info, warn};
 use crate::state::State;
 
 mod chats;
+mod filter;
 mod last_uid;
 mod model;
 mod seatable;
 
 pub use self::chats::{ChatStatuses, Migrations};
+pub use self::filter::TitleFilter;
 pub use self::last_uid::LastUidWriter;
-pub use self::model::{Group, Mailbox, Recipient, Snapshot, User, column};
+pub use self::model::{Group, Mailbox, Recipient, Snapshot, User, Withheld, column, parse_topic};
 pub use self::seatable::{SeaTableBackend, quote};
 
 /// Where the directory reads and writes: SeaTable in production, an in-memory table in tests.

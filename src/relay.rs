@@ -19,7 +19,7 @@ use crate::report::Report;
 use crate::report::render::{self, PlanOptions};
 use crate::state::{
     AckResult, Acknowledgement, Checkpoint, HttpIngest, LeaseLost, MessageOutcome, OutboxSend,
-    Source, State, StoredFile,
+    SendOptions, Source, State, StoredFile,
 };
 
 /// The shared handles of one process that the relay, the bot and `replay` all work through.
@@ -326,8 +326,11 @@ impl Relay {
     }
 
     /// Plans `report` for the recipients of `row` (none without a row) into `ack`: skipped
-    /// (with the reason) when the plan skips it or nobody registered receives the mailbox,
-    /// else one outbox row per (recipient, send) and the files they need. Chats in `muted`
+    /// (with the reason) when the plan skips it or nobody registered receives the mailbox (or
+    /// no recipient's `reports_filter` passes its title), else one outbox row per (recipient,
+    /// send) with the recipient's topic and the mailbox's `silent` and `protect_content`, and
+    /// the files they need. A recipient whose filter or topic cell is unusable gets nothing
+    /// (a warning naming its row), never everything. Chats in `muted`
     /// (people who paused the mailbox with `/mute`) are left out.
     fn plan_into(
         &self,
@@ -348,7 +351,18 @@ impl Relay {
             ack.detail = Some(reason);
             return;
         }
-        let mut recipients = row.map(|r| snapshot.recipients(r)).unwrap_or_default();
+        let (mut recipients, withheld) = row
+            .map(|r| snapshot.deliveries(r, &report.title))
+            .unwrap_or_default();
+        for w in &withheld {
+            if w.misconfigured {
+                warn!(%mailbox, source, chat_id = w.chat_id, row = %w.row, reason = %w.reason, title = %report.title,
+                      "Not sending this report to a recipient whose row is misconfigured.");
+            } else {
+                info!(%mailbox, source, chat_id = w.chat_id, row = %w.row, reason = %w.reason, title = %report.title,
+                      "Not sending this report to a recipient: its title filter does not match.");
+            }
+        }
         recipients.retain(|r| match self.handles.statuses.status(r.chat_id) {
             Some(status) => {
                 info!(%mailbox, chat_id = r.chat_id, status, "Skipping a chat that blocked or removed the bot.");
@@ -363,7 +377,12 @@ impl Relay {
             }
             !paused
         });
-        if recipients.is_empty() {
+        if recipients.is_empty() && !withheld.is_empty() {
+            info!(%mailbox, source, uid = uid_field, title = %report.title, withheld = withheld.len(),
+                  "No recipient of this mailbox gets this report (title filters, misconfigured rows); it is not relayed.");
+            ack.outcome = MessageOutcome::Skipped;
+            ack.detail = Some("no recipient's reports_filter passes it".into());
+        } else if recipients.is_empty() {
             warn!(%mailbox, source, uid = uid_field, title = %report.title, "No registered user or group receives this mailbox; the report is not relayed.");
             ack.outcome = MessageOutcome::Skipped;
             ack.detail = Some("no registered recipients".into());
@@ -374,8 +393,14 @@ impl Relay {
             .map(|send| OutboxSend::planned(send, report))
             .collect();
         for recipient in &recipients {
+            let options = SendOptions {
+                message_thread_id: recipient.message_thread_id,
+                disable_notification: row.is_some_and(|r| r.silent),
+                protect_content: row.is_some_and(|r| r.protect_content),
+            };
             for send in &sends {
-                ack.sends.push((recipient.chat_id, send.clone()));
+                ack.sends
+                    .push((recipient.chat_id, send.clone().with(options)));
             }
         }
         if !ack.sends.is_empty() {

@@ -71,6 +71,10 @@ pub struct ColumnSpec {
     /// For a link: the name of its other side in `other_table`.
     #[serde(default)]
     pub other_column: Option<String>,
+    /// For an optional column a feature needs (e.g. `forum topics`): the feature, which is off
+    /// while the base lacks the column ([`Schema::features_off`]).
+    #[serde(default)]
+    pub feature: Option<String>,
 }
 
 impl ColumnSpec {
@@ -191,7 +195,7 @@ impl Schema {
     ///   column present with a type it does not accept;
     /// - `table users column mailboxes links to t_chats, expected mailboxes`.
     ///
-    /// Missing optional columns are not reported.
+    /// Missing optional columns are not reported (those of a feature: [`Self::features_off`]).
     pub fn missing(&self, metadata: &Metadata) -> Vec<String> {
         let mut problems = Vec::new();
         for spec in &self.tables {
@@ -240,6 +244,31 @@ impl Schema {
 
 /// A hint for a missing column: a column whose name differs only in case, or for a link, a
 /// link to the right table under another name.
+impl Schema {
+    /// The features that are off because the base lacks their optional column, one sentence
+    /// each, e.g. `table t_chats has no column topic: forum topics are off`; empty when the
+    /// base has them all (a missing table is [`Self::missing`]'s to report).
+    pub fn features_off(&self, metadata: &Metadata) -> Vec<String> {
+        let mut off = Vec::new();
+        for spec in &self.tables {
+            let Some(table) = metadata.table(&spec.name) else {
+                continue;
+            };
+            for column in &spec.columns {
+                if let Some(feature) = &column.feature
+                    && table.column(&column.name).is_none()
+                {
+                    off.push(format!(
+                        "table {} has no column {}: {feature} are off",
+                        spec.name, column.name
+                    ));
+                }
+            }
+        }
+        off
+    }
+}
+
 fn missing_hint(metadata: &Metadata, table: &Table, spec: &ColumnSpec) -> String {
     if let Some(other) = &spec.other_table
         && let Some(existing) = link_to(metadata, table, other)
@@ -401,22 +430,56 @@ pub async fn missing(
     client: &SeaTableClient,
     tables: &TableNames,
 ) -> Result<Vec<String>, SeaTableError> {
+    Ok(inspect(client, tables).await?.missing)
+}
+
+/// What [`inspect`] found: what the relay needs and the base lacks, and the features that are
+/// off for lack of their optional column.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// [`Schema::missing`]: one line per missing table or required column, or wrong type.
+    pub missing: Vec<String>,
+    /// [`Schema::features_off`]: one line per missing feature column.
+    pub features_off: Vec<String>,
+}
+
+/// Compares the base with the bundled schema (with the configured table names) in one
+/// `GET /metadata/`.
+///
+/// # Errors
+/// SeaTable could not be reached or answered with an error.
+pub async fn inspect(
+    client: &SeaTableClient,
+    tables: &TableNames,
+) -> Result<Inspection, SeaTableError> {
     let metadata = client.metadata().await?;
-    Ok(Schema::bundled()
-        .with_table_names(tables)
-        .missing(&metadata))
+    let schema = Schema::bundled().with_table_names(tables);
+    Ok(Inspection {
+        missing: schema.missing(&metadata),
+        features_off: schema.features_off(&metadata),
+    })
+}
+
+/// The warning for [`Inspection::features_off`], e.g. for the log and `report-relay check`.
+pub fn features_off_warning(features_off: &[String]) -> String {
+    format!(
+        "the SeaTable base lacks optional columns, so these features are off: {}; run `report-relay schema apply` to add them",
+        features_off.join("; ")
+    )
 }
 
 /// Checks that the base has every table and column the relay writes (SeaTable silently ignores
-/// unknown column names on writes).
+/// unknown column names on writes); returns the inspection, whose
+/// [`Inspection::features_off`] the caller shows as a warning.
 ///
 /// # Errors
 /// One line per missing table or column, e.g. `table users has no column id_telegram`; or
 /// SeaTable could not be reached.
-pub async fn check(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<()> {
-    let missing = missing(client, tables).await?;
+pub async fn check(client: &SeaTableClient, tables: &TableNames) -> anyhow::Result<Inspection> {
+    let inspection = inspect(client, tables).await?;
+    let missing = &inspection.missing;
     if missing.is_empty() {
-        Ok(())
+        Ok(inspection)
     } else {
         anyhow::bail!(
             "the SeaTable base lacks what the relay needs ({}); run `report-relay schema apply`",
@@ -534,6 +597,8 @@ mod tests {
             "disabled",
             "description",
             "webhook_token",
+            "silent",
+            "protect_content",
         ] {
             let spec = mailboxes
                 .columns
@@ -559,6 +624,54 @@ mod tests {
     #[test]
     fn a_complete_base_lacks_nothing() {
         assert_eq!(Schema::bundled().missing(&complete()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_old_base_without_the_option_columns_runs_with_those_features_off() {
+        // `complete()` is a base from before issue 12: nothing required is missing.
+        let mut metadata = complete();
+        let schema = Schema::bundled();
+        assert_eq!(schema.missing(&metadata), Vec::<String>::new());
+        assert_eq!(
+            schema.features_off(&metadata),
+            [
+                "table users has no column reports_filter: title filters are off",
+                "table mailboxes has no column silent: silent reports are off",
+                "table mailboxes has no column protect_content: protected reports are off",
+                "table t_chats has no column topic: forum topics are off",
+                "table t_chats has no column reports_filter: title filters are off",
+            ]
+        );
+        let warning = features_off_warning(&schema.features_off(&metadata));
+        assert!(warning.contains("schema apply"), "{warning}");
+        table_mut(&mut metadata, "users").columns.push(column(
+            "dddd",
+            "reports_filter",
+            "long-text",
+        ));
+        let mailboxes = table_mut(&mut metadata, "mailboxes");
+        mailboxes.columns.push(column("iiii", "silent", "checkbox"));
+        mailboxes
+            .columns
+            .push(column("jjjj", "protect_content", "checkbox"));
+        let groups = table_mut(&mut metadata, "t_chats");
+        groups.columns.push(column("dddd", "topic", "number"));
+        groups
+            .columns
+            .push(column("eeee", "reports_filter", "text"));
+        assert_eq!(schema.features_off(&metadata), Vec::<String>::new());
+        assert_eq!(schema.missing(&metadata), Vec::<String>::new());
+        // A feature column of a type the relay cannot read is a schema problem.
+        table_mut(&mut metadata, "t_chats")
+            .columns
+            .iter_mut()
+            .find(|c| c.name == "topic")
+            .unwrap()
+            .column_type = "checkbox".into();
+        assert_eq!(
+            schema.missing(&metadata),
+            ["table t_chats column topic is of type checkbox, expected text"]
+        );
     }
 
     #[test]

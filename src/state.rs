@@ -28,7 +28,7 @@ pub use self::delivery_log::{FinishedReport, FinishedSend};
 pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus, OutboxItem,
-    OutboxRow, OutboxSend, RecentSend, SendCounts, SendResult, SendStatus, Source,
+    OutboxRow, OutboxSend, RecentSend, SendCounts, SendOptions, SendResult, SendStatus, Source,
 };
 pub use self::postgres::{
     CHAT_STATUS_CHANNEL, LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres,

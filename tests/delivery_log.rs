@@ -85,6 +85,7 @@ fn text(text: &str) -> OutboxSend {
         method: Method::SendMessage,
         items: Vec::new(),
         text: Some(text.into()),
+        options: Default::default(),
     }
 }
 

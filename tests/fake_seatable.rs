@@ -388,6 +388,7 @@ async fn metadata_and_columns_describe_the_default_schema() {
             ("phone", "text"),
             ("mailboxes", "link"),
             ("id_telegram", "text"),
+            ("reports_filter", "text"),
         ])
     );
     let mailboxes = table("mailboxes");
@@ -409,6 +410,8 @@ async fn metadata_and_columns_describe_the_default_schema() {
             ("allowed_senders", "text"),
             ("webhook_token", "text"),
             ("disabled", "checkbox"),
+            ("silent", "checkbox"),
+            ("protect_content", "checkbox"),
         ])
     );
     let t_chats = table("t_chats");
@@ -419,6 +422,8 @@ async fn metadata_and_columns_describe_the_default_schema() {
             ("id_telegram_chat", "text"),
             ("is_locked", "checkbox"),
             ("mailboxes", "link"),
+            ("topic", "text"),
+            ("reports_filter", "text"),
         ])
     );
 
@@ -512,7 +517,7 @@ async fn removed_columns_and_tables_disappear_everywhere() {
     fake.rename_column("users", "phone", "Phone number");
     assert_eq!(
         fake.column_names("users"),
-        ["Name", "Phone number", "mailboxes"]
+        ["Name", "Phone number", "mailboxes", "reports_filter"]
     );
 }
 
@@ -673,6 +678,7 @@ async fn list_rows_pages_through_more_than_1000_rows() {
     assert_eq!(row["Name"], "user0000");
     assert_eq!(row["phone"], "+79990000000");
     assert_eq!(row["id_telegram"], Value::Null);
+    assert_eq!(row["reports_filter"], Value::Null);
     assert_eq!(row["mailboxes"], json!([]));
     assert!(is_row_id(row["_id"].as_str().unwrap()));
     for field in ["_ctime", "_mtime", "_creator", "_last_modifier"] {
@@ -682,7 +688,8 @@ async fn list_rows_pages_through_more_than_1000_rows() {
     assert!(row.as_object().unwrap().contains_key("_locked"));
     assert_eq!(row["_locked"], Value::Null);
     assert_eq!(row["_locked_by"], Value::Null);
-    assert_eq!(row.as_object().unwrap().len(), 8 + 4);
+    // Name, phone, mailboxes, id_telegram, reports_filter and the system fields.
+    assert_eq!(row.as_object().unwrap().len(), 8 + 5);
 
     // Without convert_keys (or with false) cells are keyed by column key.
     for query in [&[][..], &[("convert_keys", "false")][..]] {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use support::telegram::{
     BASIC_GROUP_ID, ChatState, ContactCard, FakeConfig, FakeTelegram, Fault, FaultRule, FileKind,
     FileSource, FloodControl, OTHER_USER_ID, Outcome, RateLimits, RateScope, SUPERGROUP_ID, TOKEN,
-    TgChat, TgUser, USER_ID, desc, make_png, parse_html, utf16_len, visible_text,
+    TgChat, TgUser, TopicState, USER_ID, desc, make_png, parse_html, utf16_len, visible_text,
     visible_text_lenient,
 };
 
@@ -680,6 +680,103 @@ async fn migrate_to_chat_id() {
         r.text().await.unwrap(),
         r#"{"ok":false,"error_code":400,"description":"Bad Request: group chat was upgraded to a supergroup chat","parameters":{"migrate_to_chat_id":-1001987654321}}"#
     );
+}
+
+#[tokio::test]
+async fn forum_topics_silent_and_protected_sends() {
+    use teloxide::payloads::{SendDocumentSetters, SendMediaGroupSetters};
+    use teloxide::types::{MessageId, ThreadId};
+
+    let fake = FakeTelegram::start(TOKEN).await;
+    let bot = fake.bot();
+    let topic = ThreadId(MessageId(42));
+    fake.add_topic(SUPERGROUP_ID, 42);
+
+    // Into an open topic, silently and protected: the options are recorded and the message says
+    // where it went.
+    let message = bot
+        .send_message(ChatId(SUPERGROUP_ID), "report")
+        .message_thread_id(topic)
+        .disable_notification(true)
+        .protect_content(true)
+        .await
+        .expect("an open topic takes it");
+    assert_eq!(message.thread_id, Some(topic));
+    assert!(message.is_topic_message);
+    assert!(message.has_protected_content());
+    let call = fake.sends_to(SUPERGROUP_ID).pop().unwrap();
+    assert_eq!(call.message_thread_id(), Some(42));
+    assert!(call.flag("disable_notification"));
+    assert!(call.flag("protect_content"));
+    let documents = bot
+        .send_document(
+            ChatId(SUPERGROUP_ID),
+            InputFile::memory(&b"%PDF"[..]).file_name("r.pdf"),
+        )
+        .message_thread_id(topic)
+        .await
+        .expect("a document into the topic");
+    assert_eq!(documents.thread_id, Some(topic));
+    let album = bot
+        .send_media_group(
+            ChatId(SUPERGROUP_ID),
+            vec![
+                InputMedia::Document(InputMediaDocument::new(
+                    InputFile::memory(&b"%PDF a"[..]).file_name("a.pdf"),
+                )),
+                InputMedia::Document(InputMediaDocument::new(
+                    InputFile::memory(&b"%PDF b"[..]).file_name("b.pdf"),
+                )),
+            ],
+        )
+        .message_thread_id(topic)
+        .await
+        .expect("an album into the topic");
+    assert!(album.iter().all(|m| m.thread_id == Some(topic)));
+
+    // Without options nothing is flagged.
+    let plain = bot
+        .send_message(ChatId(SUPERGROUP_ID), "plain")
+        .await
+        .unwrap();
+    assert_eq!(plain.thread_id, None);
+    assert!(!plain.has_protected_content());
+    let call = fake.sends_to(SUPERGROUP_ID).pop().unwrap();
+    assert_eq!(call.message_thread_id(), None);
+    assert!(!call.flag("disable_notification"));
+    assert!(!call.flag("protect_content"));
+
+    // A closed topic, a deleted one and one that never existed: Telegram's errors, nothing
+    // delivered (never the General topic).
+    fake.set_topic(SUPERGROUP_ID, 42, TopicState::Closed);
+    let err = bot
+        .send_message(ChatId(SUPERGROUP_ID), "report")
+        .message_thread_id(topic)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown(&err), desc::TOPIC_CLOSED);
+    fake.set_topic(SUPERGROUP_ID, 42, TopicState::Deleted);
+    let err = bot
+        .send_document(
+            ChatId(SUPERGROUP_ID),
+            InputFile::memory(&b"%PDF"[..]).file_name("r.pdf"),
+        )
+        .message_thread_id(topic)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown(&err), desc::THREAD_NOT_FOUND);
+    let r = post_json(
+        &fake,
+        "sendMessage",
+        serde_json::json!({"chat_id": SUPERGROUP_ID, "text": "x", "message_thread_id": 77}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"ok":false,"error_code":400,"description":"Bad Request: message thread not found"}"#
+    );
+    assert_eq!(fake.sends_to(SUPERGROUP_ID).len(), 4);
 }
 
 #[tokio::test]

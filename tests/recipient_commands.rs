@@ -122,13 +122,22 @@ async fn a_person_pauses_and_resumes_a_mailbox_without_touching_seatable() {
 async fn a_group_lists_its_reports_but_cannot_mute() {
     let stack = Stack::new().await;
     let mailbox = stack.mailbox_row.clone();
-    stack.add_group("Ops", Some(GROUP), &[&mailbox]);
+    let ops = stack.add_group("Ops", Some(GROUP), &[&mailbox]);
+    stack.seatable.update_row(
+        "t_chats",
+        &ops,
+        serde_json::json!({"reports_filter": "sales, weekly"}),
+    );
     let relay = stack.start(&Tuning::default());
     stack.wait_ready(1).await;
     let admin = TgUser::new(ANN, "Ann");
     let group = TgChat::supergroup(GROUP, "Ops");
     for (command, expected) in [
         ("/reports", format!("• Sales reports ({ADDRESS})")),
+        (
+            "/reports",
+            "Only reports whose title matches: sales, weekly".to_owned(),
+        ),
         (
             "/mute reports",
             "Only a person can pause reports".to_owned(),

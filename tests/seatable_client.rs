@@ -525,7 +525,9 @@ async fn apply_creates_everything_on_an_empty_base_then_does_nothing() {
 
     let created = schema::apply(&client, &schema).await.unwrap();
     assert!(
-        created.contains(&"created table users with columns Name, phone, id_telegram".to_owned()),
+        created.contains(
+            &"created table users with columns Name, phone, id_telegram, reports_filter".to_owned()
+        ),
         "{created:#?}"
     );
     assert!(
@@ -620,6 +622,50 @@ async fn apply_fills_gaps_without_touching_the_rest() {
             "table users has no column mailboxes (column boxes links to mailboxes; rename it to mailboxes)"
         ]
     );
+}
+
+#[tokio::test]
+async fn an_old_base_without_the_option_columns_is_accepted_and_apply_adds_them() {
+    let fake = FakeSeaTable::start_with_default_schema(API_TOKEN).await;
+    for (table, column) in [
+        ("users", "reports_filter"),
+        ("mailboxes", "silent"),
+        ("mailboxes", "protect_content"),
+        ("t_chats", "topic"),
+        ("t_chats", "reports_filter"),
+    ] {
+        fake.remove_column(table, column);
+    }
+    let (client, _) = connect(&fake);
+    let tables = TableNames::default();
+    let inspection = schema::check(&client, &tables)
+        .await
+        .expect("the features are off, nothing the relay needs is missing");
+    assert_eq!(inspection.missing, Vec::<String>::new());
+    assert_eq!(
+        inspection.features_off,
+        [
+            "table users has no column reports_filter: title filters are off",
+            "table mailboxes has no column silent: silent reports are off",
+            "table mailboxes has no column protect_content: protected reports are off",
+            "table t_chats has no column topic: forum topics are off",
+            "table t_chats has no column reports_filter: title filters are off",
+        ]
+    );
+
+    let created = schema::apply(&client, &Schema::bundled()).await.unwrap();
+    assert_eq!(
+        created,
+        [
+            "added column users.reports_filter (text)",
+            "added column mailboxes.silent (checkbox)",
+            "added column mailboxes.protect_content (checkbox)",
+            "added column t_chats.topic (text)",
+            "added column t_chats.reports_filter (text)",
+        ]
+    );
+    let inspection = schema::inspect(&client, &tables).await.unwrap();
+    assert_eq!(inspection, schema::Inspection::default());
 }
 
 #[tokio::test]

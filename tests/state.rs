@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use report_relay::report::render::{ItemKind, Method};
 use report_relay::state::{
     AckResult, Acknowledgement, Checkpoint, Fence, HttpIngest, INGEST_DEDUPE_WINDOW, LeaseLost,
-    MessageOutcome, OutboxItem, OutboxSend, SendResult, Source, State, StoredFile,
+    MessageOutcome, OutboxItem, OutboxSend, SendOptions, SendResult, Source, State, StoredFile,
 };
 
 /// Where a test's state lives: a SQLite file in a temp dir, or its own PostgreSQL server.
@@ -101,6 +101,7 @@ fn send(text: &str) -> OutboxSend {
         method: Method::SendMessage,
         items: Vec::new(),
         text: Some(text.into()),
+        options: Default::default(),
     }
 }
 
@@ -166,7 +167,52 @@ on_both_backends!(
     mutes_are_per_person_and_mailbox,
     messages_since_lists_reports_with_their_sends,
     finished_reports_are_listed_for_the_delivery_log_until_marked,
+    send_options_are_kept_per_row_and_rows_without_them_read_as_off,
 );
+
+/// A group's topic and a mailbox's `silent`/`protect_content` travel with each outbox row; a row
+/// written before they existed (no `options` in its JSON) reads as all off.
+async fn send_options_are_kept_per_row_and_rows_without_them_read_as_off(db: Db) {
+    let state = db.open().await;
+    let options = SendOptions {
+        message_thread_id: Some(42),
+        disable_notification: true,
+        protect_content: true,
+    };
+    state
+        .acknowledge(ack(
+            1,
+            vec![
+                (-1_001_987_654_321, send("to the topic").with(options)),
+                (7, send("plain")),
+            ],
+        ))
+        .await
+        .unwrap();
+    let due = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    let topic = due
+        .iter()
+        .find(|r| r.chat_id == -1_001_987_654_321)
+        .unwrap();
+    assert_eq!(topic.send.options, options);
+    assert_eq!(topic.send.text.as_deref(), Some("to the topic"));
+    let plain = due.iter().find(|r| r.chat_id == 7).unwrap();
+    assert_eq!(plain.send.options, SendOptions::default());
+
+    // The JSON of a row without options is what older versions wrote, and reads back.
+    let old = serde_json::to_value(send("plain")).unwrap();
+    assert!(old.get("options").is_none(), "{old}");
+    let back: OutboxSend = serde_json::from_value(old).unwrap();
+    assert_eq!(back.options, SendOptions::default());
+    let new = serde_json::to_value(send("x").with(options)).unwrap();
+    assert_eq!(
+        new["options"],
+        serde_json::json!({"message_thread_id": 42, "disable_notification": true, "protect_content": true})
+    );
+}
 
 async fn finished_reports_are_listed_for_the_delivery_log_until_marked(db: Db) {
     let state = db.open().await;
@@ -532,6 +578,7 @@ async fn recent_sends_are_the_done_rows_with_their_message_counts(db: Db) {
         method: Method::SendMediaGroup,
         items: vec![item("a"), item("b"), item("c")],
         text: None,
+        options: Default::default(),
     };
     let before = SystemTime::now() - Duration::from_secs(1);
     state

@@ -1,4 +1,5 @@
-//! The recipient-facing commands of the bot: `/reports` lists what a person or group receives,
+//! The recipient-facing commands of the bot: `/reports` lists what a person or group receives
+//! (and its title filters),
 //! `/mute <mailbox>` pauses a mailbox for the person who sends it and `/unmute [mailbox]`
 //! resumes it. Mutes live in the state (`State::mute`), never in the sysadmins' SeaTable base;
 //! the relay leaves muted people out when it queues a report (`crate::relay`).
@@ -63,8 +64,35 @@ impl Registrar {
                 paused: muted.contains(&m.email.to_ascii_lowercase()),
             })
             .collect();
-        bot.send_message(chat, texts::reports(&lines)).await?;
+        let filters = Self::filters(&snapshot, msg);
+        bot.send_message(chat, texts::reports(&lines, &filters))
+            .await?;
         Ok(())
+    }
+
+    /// The chat's `reports_filter` cells, as the sysadmin wrote them.
+    fn filters(snapshot: &Snapshot, msg: &Message) -> Vec<String> {
+        let chat_id = msg.chat.id.0;
+        let mut filters: Vec<String> = if msg.chat.is_private() {
+            snapshot
+                .users
+                .iter()
+                .filter(|u| u.telegram_id == Some(chat_id))
+                .filter_map(|u| u.reports_filter.as_ref())
+                .map(|f| f.as_str().to_owned())
+                .collect()
+        } else {
+            snapshot
+                .groups
+                .iter()
+                .filter(|g| g.chat_id == Some(chat_id))
+                .filter_map(|g| g.reports_filter.as_ref())
+                .map(|f| f.as_str().to_owned())
+                .collect()
+        };
+        filters.sort();
+        filters.dedup();
+        filters
     }
 
     /// `/mute <mailbox>`: the mailbox named by its address, `Name` or description, among those

@@ -90,8 +90,9 @@ pub struct ReportLine {
     pub paused: bool,
 }
 
-/// `/reports`: each mailbox the chat receives, or [`NO_MAILBOXES`].
-pub fn reports(lines: &[ReportLine]) -> String {
+/// `/reports`: each mailbox the chat receives, or [`NO_MAILBOXES`], and the chat's title
+/// filters (`reports_filter`) as written.
+pub fn reports(lines: &[ReportLine], filters: &[String]) -> String {
     if lines.is_empty() {
         return NO_MAILBOXES.to_owned();
     }
@@ -101,6 +102,9 @@ pub fn reports(lines: &[ReportLine]) -> String {
         if line.paused {
             text.push_str(" (paused)");
         }
+    }
+    for filter in filters {
+        text.push_str(&format!("\nOnly reports whose title matches: {filter}"));
     }
     if lines.iter().any(|l| l.paused) {
         text.push_str("\n\n/unmute resumes the paused ones.");

@@ -113,6 +113,17 @@ pub(super) fn recipient_unreachable(description: &str) -> bool {
         || lower.contains("not enough rights")
 }
 
+/// Whether a permanent refusal says the send's forum topic (`message_thread_id`) cannot take
+/// it: `Bad Request: message thread not found` (a deleted topic, or a thread id that never
+/// existed in the group; tdlib/telegram-bot-api#854, #472), `Bad Request: TOPIC_CLOSED`
+/// (closed topic) or `Bad Request: TOPIC_DELETED`.
+pub(super) fn topic_unusable(description: &str) -> bool {
+    let lower = description.to_ascii_lowercase();
+    lower.contains("message thread not found")
+        || lower.contains("topic_closed")
+        || lower.contains("topic_deleted")
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -140,6 +151,23 @@ mod tests {
             .unwrap_err();
         server.abort();
         error
+    }
+
+    #[test]
+    fn a_deleted_or_closed_topic_is_a_permanent_topic_failure() {
+        for description in [
+            "Bad Request: message thread not found",
+            "Bad Request: TOPIC_CLOSED",
+            "Bad Request: TOPIC_DELETED",
+        ] {
+            assert!(
+                matches!(classify_description(description), Failure::Permanent(_)),
+                "{description}"
+            );
+            assert!(topic_unusable(description), "{description}");
+        }
+        assert!(!topic_unusable("Bad Request: chat not found"));
+        assert!(!topic_unusable("Forbidden: bot was blocked by the user"));
     }
 
     #[tokio::test]

@@ -1,4 +1,6 @@
 use super::*;
+use crate::report::render::Method;
+use crate::state::OutboxItem;
 
 #[test]
 fn descriptions_are_classified() {
@@ -70,6 +72,11 @@ fn refused_photos_become_documents() {
             caption: Some("c".into()),
         }],
         text: None,
+        options: crate::state::SendOptions {
+            message_thread_id: Some(7),
+            disable_notification: true,
+            protect_content: true,
+        },
     };
     let documents = as_documents(&send);
     assert_eq!(documents.method, Method::SendDocument);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::warn;
 
+use super::filter::TitleFilter;
 use crate::seatable::Row;
 
 /// One row of the users table.
@@ -23,6 +24,10 @@ pub struct User {
     pub mailbox_ids: Vec<String>,
     /// `id_telegram` parsed as a Telegram user id, when set.
     pub telegram_id: Option<i64>,
+    /// `reports_filter`: only reports whose title matches (see [`TitleFilter`]); `None`: every
+    /// report of the linked mailboxes.
+    #[serde(default)]
+    pub reports_filter: Option<TitleFilter>,
 }
 
 /// One row of the mailboxes table.
@@ -60,6 +65,14 @@ pub struct Mailbox {
     /// row has no webhook. Never printed.
     #[serde(default)]
     pub webhook_token: Option<String>,
+    /// `silent`: every send of this mailbox goes with `disable_notification` (recipients get
+    /// it without a sound).
+    #[serde(default)]
+    pub silent: bool,
+    /// `protect_content`: every send of this mailbox goes with `protect_content` (recipients
+    /// cannot forward or save it).
+    #[serde(default)]
+    pub protect_content: bool,
 }
 
 /// The shortest `webhook_token` that makes a route (a shorter one is ignored with a warning):
@@ -88,6 +101,8 @@ impl std::fmt::Debug for Mailbox {
                 "webhook_token",
                 &self.webhook_token.as_ref().map(|_| "[REDACTED]"),
             )
+            .field("silent", &self.silent)
+            .field("protect_content", &self.protect_content)
             .finish()
     }
 }
@@ -125,6 +140,13 @@ pub struct Group {
     pub is_locked: bool,
     /// Row `_id`s of the linked mailboxes.
     pub mailbox_ids: Vec<String>,
+    /// `topic`: the forum topic every send to this group goes to, or why the cell cannot be
+    /// used (then the group gets nothing, never the General topic).
+    #[serde(default)]
+    pub topic: Option<Result<i32, String>>,
+    /// `reports_filter`: only reports whose title matches (see [`TitleFilter`]).
+    #[serde(default)]
+    pub reports_filter: Option<TitleFilter>,
 }
 
 /// Who receives a report.
@@ -132,6 +154,23 @@ pub struct Group {
 pub struct Recipient {
     /// The Telegram `chat_id`: a user id, or a negative group id.
     pub chat_id: i64,
+    /// The forum topic's `message_thread_id` every send carries (`t_chats.topic`); `None`: the
+    /// chat itself (a group's General topic).
+    pub message_thread_id: Option<i32>,
+}
+
+/// A recipient bound to a mailbox that does not get one report, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withheld {
+    /// The chat that does not get it.
+    pub chat_id: i64,
+    /// The table and row `_id`, e.g. `t_chats row Xb2…`.
+    pub row: String,
+    /// Why: the title does not pass `reports_filter`, or a cell is unusable.
+    pub reason: String,
+    /// `true` when the row's own configuration is broken (an invalid filter or topic): the
+    /// relay logs it as a warning rather than as an ordinary filtered report.
+    pub misconfigured: bool,
 }
 
 /// The three tables at one moment.
@@ -182,25 +221,141 @@ impl Snapshot {
             .collect()
     }
 
-    /// Every registered user and group bound to the mailbox, each chat once, users first.
+    /// Every registered user and group bound to the mailbox, each chat once, users first
+    /// (with each group's topic; no title filter applied).
     pub fn recipients(&self, mailbox: &Mailbox) -> Vec<Recipient> {
+        self.bound(mailbox)
+            .into_iter()
+            .map(|(recipient, _)| recipient)
+            .collect()
+    }
+
+    /// Who gets a report titled `title` of `mailbox`: [`Self::recipients`] less those whose
+    /// `reports_filter` the title does not pass, or whose filter or topic cell is unusable
+    /// (those get nothing, never everything, and are returned as [`Withheld`]).
+    pub fn deliveries(&self, mailbox: &Mailbox, title: &str) -> (Vec<Recipient>, Vec<Withheld>) {
+        let mut recipients = Vec::new();
+        let mut withheld = Vec::new();
+        for (recipient, bound) in self.bound(mailbox) {
+            let (row, filter, topic) = match bound {
+                Bound::User(user) => (
+                    format!("users row {}", user.row_id),
+                    user.reports_filter.as_ref(),
+                    None,
+                ),
+                Bound::Group(group) => (
+                    format!("t_chats row {}", group.row_id),
+                    group.reports_filter.as_ref(),
+                    group.topic.as_ref(),
+                ),
+            };
+            let chat_id = recipient.chat_id;
+            if let Some(Err(problem)) = topic {
+                withheld.push(Withheld {
+                    chat_id,
+                    row,
+                    reason: format!("topic: {problem}"),
+                    misconfigured: true,
+                });
+                continue;
+            }
+            match filter {
+                Some(filter) if filter.error().is_some() => withheld.push(Withheld {
+                    chat_id,
+                    row,
+                    reason: format!(
+                        "reports_filter {:?}: {}",
+                        filter.as_str(),
+                        filter.error().unwrap_or_default()
+                    ),
+                    misconfigured: true,
+                }),
+                Some(filter) if !filter.matches(title) => withheld.push(Withheld {
+                    chat_id,
+                    row,
+                    reason: format!(
+                        "the title does not match reports_filter {:?}",
+                        filter.as_str()
+                    ),
+                    misconfigured: false,
+                }),
+                _ => recipients.push(recipient),
+            }
+        }
+        (recipients, withheld)
+    }
+
+    /// One line per row whose `reports_filter` or `topic` cannot be used (naming the table and
+    /// row `_id`), for `report-relay check`; empty when all are usable.
+    pub fn option_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for user in &self.users {
+            if let Some(error) = user.reports_filter.as_ref().and_then(TitleFilter::error) {
+                problems.push(format!(
+                    "users row {} ({}): reports_filter: {error}; it gets no reports",
+                    user.row_id, user.name
+                ));
+            }
+        }
+        for group in &self.groups {
+            if let Some(error) = group.reports_filter.as_ref().and_then(TitleFilter::error) {
+                problems.push(format!(
+                    "t_chats row {} ({}): reports_filter: {error}; it gets no reports",
+                    group.row_id, group.name
+                ));
+            }
+            if let Some(Err(error)) = &group.topic {
+                problems.push(format!(
+                    "t_chats row {} ({}): topic: {error}; it gets no reports",
+                    group.row_id, group.name
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The users and groups bound to the mailbox with their rows, each chat once, users first.
+    fn bound(&self, mailbox: &Mailbox) -> Vec<(Recipient, Bound<'_>)> {
         let mut seen = BTreeSet::new();
         let users = self
             .users
             .iter()
             .filter(|u| u.mailbox_ids.contains(&mailbox.row_id))
-            .filter_map(|u| u.telegram_id);
+            .filter_map(|u| {
+                let chat_id = u.telegram_id?;
+                Some((
+                    Recipient {
+                        chat_id,
+                        message_thread_id: None,
+                    },
+                    Bound::User(u),
+                ))
+            });
         let groups = self
             .groups
             .iter()
             .filter(|g| g.mailbox_ids.contains(&mailbox.row_id))
-            .filter_map(|g| g.chat_id);
+            .filter_map(|g| {
+                let chat_id = g.chat_id?;
+                Some((
+                    Recipient {
+                        chat_id,
+                        message_thread_id: g.topic.clone().and_then(Result::ok),
+                    },
+                    Bound::Group(g),
+                ))
+            });
         users
             .chain(groups)
-            .filter(|id| seen.insert(*id))
-            .map(|chat_id| Recipient { chat_id })
+            .filter(|(recipient, _)| seen.insert(recipient.chat_id))
             .collect()
     }
+}
+
+/// The row a bound recipient comes from.
+enum Bound<'a> {
+    User(&'a User),
+    Group(&'a Group),
 }
 
 /// The column names the directory reads and writes, the same whatever the tables are called
@@ -240,6 +395,14 @@ pub mod column {
     pub const DISABLED: &str = "disabled";
     /// mailboxes: the secret of the row's Superset webhook URL (a secret).
     pub const WEBHOOK_TOKEN: &str = "webhook_token";
+    /// mailboxes: a ticked row's reports go with `disable_notification`.
+    pub const SILENT: &str = "silent";
+    /// mailboxes: a ticked row's reports go with `protect_content`.
+    pub const PROTECT_CONTENT: &str = "protect_content";
+    /// users, t_chats: the title filter (comma-separated words or `/regex/`).
+    pub const REPORTS_FILTER: &str = "reports_filter";
+    /// t_chats: the forum topic (`message_thread_id` or a `https://t.me/c/<id>/<thread>` link).
+    pub const TOPIC: &str = "topic";
     /// t_chats: the Telegram chat id, written once by the bot.
     pub const ID_TELEGRAM_CHAT: &str = "id_telegram_chat";
     /// t_chats: the write-once lock.
@@ -284,7 +447,72 @@ fn parse_user(row: &Row) -> Option<User> {
         phone: text(row, column::PHONE).unwrap_or_default(),
         mailbox_ids: link_ids(row, column::MAILBOXES),
         telegram_id: id_column(row, "users", column::ID_TELEGRAM),
+        reports_filter: reports_filter(row, "users"),
     })
+}
+
+/// The row's `reports_filter`, warning (naming the row) when it cannot be used.
+fn reports_filter(row: &Row, table: &str) -> Option<TitleFilter> {
+    let filter = TitleFilter::parse(&text(row, column::REPORTS_FILTER)?);
+    if let Some(error) = filter.error() {
+        warn!(
+            table,
+            row_id = text(row, column::ROW_ID).unwrap_or_default(),
+            value = filter.as_str(),
+            error,
+            "An unusable reports_filter; this row gets no reports until it is fixed."
+        );
+    }
+    Some(filter)
+}
+
+/// Reads a `topic` cell: a `message_thread_id` (a positive number) or a topic link
+/// `https://t.me/c/<id>/<thread>` (also with a message id after the thread, as Telegram's
+/// "Copy link" gives it for a message in the topic). The link's `<id>` is the group's chat id
+/// without `-100`; when `chat_id` is known it must match.
+///
+/// # Errors
+/// Why the cell cannot be used, in words for the sysadmin.
+pub fn parse_topic(value: &str, chat_id: Option<i64>) -> Result<i32, String> {
+    let value = value.trim();
+    let thread = |text: &str| -> Result<i32, String> {
+        // A number column may come back as 42.0.
+        let text = text.strip_suffix(".0").unwrap_or(text);
+        match text.parse::<i32>() {
+            Ok(id) if id > 0 => Ok(id),
+            _ => Err(format!(
+                "{value:?} is neither a message_thread_id (a positive number) nor a topic link https://t.me/c/<id>/<thread>"
+            )),
+        }
+    };
+    let link = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .unwrap_or(value);
+    let Some(path) = link
+        .strip_prefix("t.me/c/")
+        .or_else(|| link.strip_prefix("telegram.me/c/"))
+    else {
+        return thread(value);
+    };
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let mut parts = path.split('/');
+    let (Some(id), Some(thread_part)) = (parts.next(), parts.next()) else {
+        return thread("");
+    };
+    let link_chat = id
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .and_then(|id| format!("-100{id}").parse::<i64>().ok())
+        .ok_or_else(|| format!("{value:?}: {id:?} is not a chat id"))?;
+    let thread_id = thread(thread_part)?;
+    match chat_id {
+        Some(chat_id) if chat_id != link_chat => Err(format!(
+            "the link {value:?} is for chat {link_chat}, but this group's id_telegram_chat is {chat_id}"
+        )),
+        _ => Ok(thread_id),
+    }
 }
 
 fn parse_mailbox(row: &Row) -> Option<Mailbox> {
@@ -349,16 +577,176 @@ fn parse_mailbox(row: &Row) -> Option<Mailbox> {
         allowed_senders,
         disabled: row.bool(column::DISABLED),
         webhook_token,
+        silent: row.bool(column::SILENT),
+        protect_content: row.bool(column::PROTECT_CONTENT),
         email,
     })
 }
 
 fn parse_group(row: &Row) -> Option<Group> {
+    let row_id = text(row, column::ROW_ID)?;
+    let chat_id = id_column(row, "t_chats", column::ID_TELEGRAM_CHAT);
+    let topic = text(row, column::TOPIC).map(|value| {
+        let topic = parse_topic(&value, chat_id);
+        if let Err(error) = &topic {
+            warn!(
+                table = "t_chats",
+                row_id,
+                error,
+                "An unusable topic; this group gets no reports until it is fixed (never the General topic)."
+            );
+        }
+        topic
+    });
     Some(Group {
-        row_id: text(row, column::ROW_ID)?,
         name: text(row, column::NAME).unwrap_or_default(),
-        chat_id: id_column(row, "t_chats", column::ID_TELEGRAM_CHAT),
+        chat_id,
         is_locked: row.bool(column::IS_LOCKED),
         mailbox_ids: link_ids(row, column::MAILBOXES),
+        topic,
+        reports_filter: reports_filter(row, "t_chats"),
+        row_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn rows(value: Value) -> Vec<Row> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| Row::from(v.as_object().unwrap().clone()))
+            .collect()
+    }
+
+    fn link(id: &str) -> Value {
+        json!([{"row_id": id, "display_value": id}])
+    }
+
+    fn snapshot(users: Value, mailboxes: Value, groups: Value) -> Snapshot {
+        Snapshot::from_rows(&rows(users), &rows(mailboxes), &rows(groups))
+    }
+
+    #[test]
+    fn topics_are_read_from_numbers_and_links() {
+        let group = -1_001_987_654_321;
+        assert_eq!(parse_topic("42", Some(group)), Ok(42));
+        assert_eq!(parse_topic("42.0", None), Ok(42));
+        assert_eq!(
+            parse_topic("https://t.me/c/1987654321/42", Some(group)),
+            Ok(42)
+        );
+        assert_eq!(
+            parse_topic(" t.me/c/1987654321/42/1234?single ", Some(group)),
+            Ok(42)
+        );
+        assert_eq!(parse_topic("https://t.me/c/1987654321/7", None), Ok(7));
+        let mismatch = parse_topic("https://t.me/c/1111111111/42", Some(group)).unwrap_err();
+        assert!(mismatch.contains("-1001111111111"), "{mismatch}");
+        assert!(mismatch.contains("-1001987654321"), "{mismatch}");
+        for bad in [
+            "0",
+            "-5",
+            "General",
+            "https://t.me/c/1987654321",
+            "https://t.me/c/abc/42",
+            "https://t.me/c/1987654321/x",
+            "99999999999",
+        ] {
+            assert!(parse_topic(bad, Some(group)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn new_cells_are_read_and_absent_columns_mean_off() {
+        let s = snapshot(
+            json!([{"_id": "u1", "mailboxes": link("m1"), "id_telegram": "111", "reports_filter": "sales"}]),
+            json!([
+                {"_id": "m1", "email": "a@example.com", "silent": true, "protect_content": true},
+                {"_id": "m2", "email": "b@example.com"},
+            ]),
+            json!([{"_id": "g1", "id_telegram_chat": "-1001987654321", "mailboxes": link("m1"),
+                    "topic": "https://t.me/c/1987654321/42", "reports_filter": "/^daily/"}]),
+        );
+        let m1 = s.mailbox("a@example.com").unwrap();
+        assert!(m1.silent && m1.protect_content);
+        let m2 = s.mailbox("b@example.com").unwrap();
+        assert!(!m2.silent && !m2.protect_content);
+        assert_eq!(s.groups[0].topic, Some(Ok(42)));
+        assert_eq!(
+            s.recipients(m1),
+            [
+                Recipient {
+                    chat_id: 111,
+                    message_thread_id: None
+                },
+                Recipient {
+                    chat_id: -1_001_987_654_321,
+                    message_thread_id: Some(42)
+                },
+            ]
+        );
+        // The snapshot is persisted as JSON: it reads back the same.
+        let back: Snapshot = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            back.groups[0].reports_filter.as_ref().unwrap().as_str(),
+            "/^daily/"
+        );
+    }
+
+    #[test]
+    fn title_filters_pick_recipients_and_broken_rows_get_nothing() {
+        let s = snapshot(
+            json!([
+                {"_id": "u1", "mailboxes": link("m1"), "id_telegram": "111"},
+                {"_id": "u2", "mailboxes": link("m1"), "id_telegram": "222", "reports_filter": "Sales, KPI"},
+                {"_id": "u3", "mailboxes": link("m1"), "id_telegram": "333", "reports_filter": "/(unclosed/"},
+            ]),
+            json!([{"_id": "m1", "email": "a@example.com"}]),
+            json!([
+                {"_id": "g1", "id_telegram_chat": "-1001987654321", "mailboxes": link("m1"), "reports_filter": "/^weekly/"},
+                {"_id": "g2", "id_telegram_chat": "-1001000000002", "mailboxes": link("m1"), "topic": "https://t.me/c/1987654321/4"},
+            ]),
+        );
+        let m1 = s.mailbox("a@example.com").unwrap();
+        let chats = |title: &str| -> (Vec<i64>, Vec<(i64, bool)>) {
+            let (recipients, withheld) = s.deliveries(m1, title);
+            (
+                recipients.iter().map(|r| r.chat_id).collect(),
+                withheld
+                    .iter()
+                    .map(|w| (w.chat_id, w.misconfigured))
+                    .collect(),
+            )
+        };
+        let (to, withheld) = chats("Daily sales");
+        assert_eq!(to, [111, 222]);
+        assert_eq!(
+            withheld,
+            [
+                (333, true),
+                (-1_001_987_654_321, false),
+                (-1_001_000_000_002, true)
+            ]
+        );
+        let (to, _) = chats("Weekly KPI");
+        assert_eq!(to, [111, 222, -1_001_987_654_321]);
+        let (to, _) = chats("Inventory");
+        assert_eq!(to, [111]);
+        let (_, withheld) = s.deliveries(m1, "Inventory");
+        assert!(withheld[1].row.contains("users row u3"), "{withheld:?}");
+        assert!(withheld[1].reason.contains("invalid regex"), "{withheld:?}");
+        let problems = s.option_problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("users row u3"), "{problems:?}");
+        assert!(problems[0].contains("reports_filter: invalid regex"));
+        assert!(problems[1].starts_with("t_chats row g2"), "{problems:?}");
+        assert!(problems[1].contains("topic:"));
+    }
 }

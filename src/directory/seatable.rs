@@ -4,7 +4,7 @@
 use futures::future::BoxFuture;
 use serde_json::{Map, json};
 
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::config::TableNames;
 use crate::seatable::SeaTableClient;
@@ -57,10 +57,16 @@ impl SeaTableBackend {
     /// The base lacks a table or column (one line naming each; logged at ERROR when it is
     /// first found), or SeaTable could not be reached (then what was known stays).
     pub async fn verify_schema(&self) -> anyhow::Result<()> {
-        let missing = crate::schema::missing(&self.client, &self.tables).await?;
+        let crate::schema::Inspection {
+            missing,
+            features_off,
+        } = crate::schema::inspect(&self.client, &self.tables).await?;
         if missing.is_empty() {
             if self.set_schema(SchemaGate::Passed) {
                 info!("The SeaTable schema has every column the relay writes; writes are on.");
+                if !features_off.is_empty() {
+                    warn!("{}", crate::schema::features_off_warning(&features_off));
+                }
             }
             return Ok(());
         }

@@ -35,13 +35,39 @@ pub struct OutboxSend {
     pub items: Vec<OutboxItem>,
     /// The HTML text of a `sendMessage`.
     pub text: Option<String>,
+    /// The recipient's and the mailbox's options for this call; absent in rows written before
+    /// they existed (then all off).
+    #[serde(default, skip_serializing_if = "SendOptions::is_default")]
+    pub options: SendOptions,
+}
+
+/// Per-recipient and per-mailbox parameters of one Bot API call (issue 12).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendOptions {
+    /// `message_thread_id`: the forum topic of the group (`t_chats.topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_thread_id: Option<i32>,
+    /// `disable_notification`: delivered without a sound (`mailboxes.silent`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_notification: bool,
+    /// `protect_content`: cannot be forwarded or saved (`mailboxes.protect_content`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protect_content: bool,
+}
+
+impl SendOptions {
+    /// Whether every option is off (then the row's JSON does not mention them).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl OutboxSend {
-    /// The outbox row of one planned call of `report`.
+    /// The outbox row of one planned call of `report` (options off; see [`Self::with`]).
     pub fn planned(send: &Send, report: &Report) -> Self {
         Self {
             method: send.method,
+            options: SendOptions::default(),
             text: send.text.clone(),
             items: send
                 .items_with_files(report)
@@ -53,6 +79,12 @@ impl OutboxSend {
                 })
                 .collect(),
         }
+    }
+
+    /// This send with `options`.
+    pub fn with(mut self, options: SendOptions) -> Self {
+        self.options = options;
+        self
     }
 }
 

@@ -489,14 +489,19 @@ impl FakeSeaTable {
 
     /// Creates the default schema of `interface.md`:
     ///
-    /// * `users`: `Name` text, `phone` text, `mailboxes` link → mailboxes, `id_telegram` text;
+    /// * `users`: `Name` text, `phone` text, `mailboxes` link → mailboxes, `id_telegram`,
+    ///   `reports_filter` text;
     /// * `mailboxes`: `Name`, `email`, `description` text, `users` link (the other side of
     ///   `users.mailboxes`), `t_chats` link → t_chats, `last_uid`, `imap_host` text,
     ///   `imap_port` number, `imap_login`, `imap_password`, `imap_account`, `folder`,
     ///   `allowed_senders`, `webhook_token` text,
-    ///   `disabled` checkbox;
+    ///   `disabled`, `silent`, `protect_content` checkbox;
     /// * `t_chats`: `Name` text, `id_telegram_chat` text, `is_locked` checkbox, `mailboxes` link
-    ///   (the other side of `mailboxes.t_chats`).
+    ///   (the other side of `mailboxes.t_chats`), `topic`, `reports_filter` text.
+    ///
+    /// A base from before issue 12 lacks `users.reports_filter`, `mailboxes.silent`,
+    /// `mailboxes.protect_content`, `t_chats.topic` and `t_chats.reports_filter`
+    /// ([`Self::remove_column`] them).
     pub fn create_default_schema(&self) {
         use ColumnType::{Checkbox, Number, Text};
         self.create_table("users", &[("Name", Text), ("phone", Text)]);
@@ -514,6 +519,7 @@ impl FakeSeaTable {
         );
         self.add_link_column("users", "mailboxes", "mailboxes");
         self.add_column("users", "id_telegram", Text);
+        self.add_column("users", "reports_filter", Text);
         self.add_link_column("mailboxes", "t_chats", "t_chats");
         for (name, kind) in [
             ("last_uid", Text),
@@ -526,9 +532,13 @@ impl FakeSeaTable {
             ("allowed_senders", Text),
             ("webhook_token", Text),
             ("disabled", Checkbox),
+            ("silent", Checkbox),
+            ("protect_content", Checkbox),
         ] {
             self.add_column("mailboxes", name, kind);
         }
+        self.add_column("t_chats", "topic", Text);
+        self.add_column("t_chats", "reports_filter", Text);
     }
 
     /// Creates a table with these columns (no link columns; see [`Self::add_link_column`]).

@@ -149,6 +149,11 @@ pub mod desc {
     pub const GROUP_DELETED: &str = "Forbidden: the group chat was deleted";
     /// 400: unknown chat (teloxide: `ApiError::ChatNotFound`).
     pub const CHAT_NOT_FOUND: &str = "Bad Request: chat not found";
+    /// 400: `message_thread_id` names no topic of the chat, or a deleted one
+    /// (tdlib/telegram-bot-api#854: a deleted topic in a group; #472: a wrong thread id).
+    pub const THREAD_NOT_FOUND: &str = "Bad Request: message thread not found";
+    /// 400: the topic is closed (Telegram's `TOPIC_CLOSED`, passed through by the Bot API).
+    pub const TOPIC_CLOSED: &str = "Bad Request: TOPIC_CLOSED";
     /// 400 + `parameters.migrate_to_chat_id` (teloxide: `RequestError::MigrateToChatId`).
     pub const MIGRATED: &str = "Bad Request: group chat was upgraded to a supergroup chat";
     /// 400: no `chat_id`.
@@ -534,6 +539,19 @@ pub struct Call {
 }
 
 impl Call {
+    /// Whether boolean parameter `name` (`disable_notification`, `protect_content`) was sent
+    /// as true.
+    pub fn flag(&self, name: &str) -> bool {
+        self.params.get(name).is_some_and(|v| param_true(v))
+    }
+
+    /// The `message_thread_id` sent, when numeric.
+    pub fn message_thread_id(&self) -> Option<i64> {
+        self.params
+            .get("message_thread_id")
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// `true` when answered `ok:true`.
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, Outcome::Ok(_))
@@ -788,6 +806,17 @@ impl FaultRule {
             Trigger::Always => false,
         }
     }
+}
+
+/// A forum topic's state (see [`FakeTelegram::set_topic`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicState {
+    /// Sends into it are delivered.
+    Open,
+    /// 400 `Bad Request: TOPIC_CLOSED`.
+    Closed,
+    /// 400 `Bad Request: message thread not found`.
+    Deleted,
 }
 
 /// A persistent state of a chat, applied to every call carrying its `chat_id` until cleared.
@@ -1355,6 +1384,21 @@ impl FakeTelegram {
         self.inner.lock().faults.len()
     }
 
+    /// Create (or reopen) forum topic `message_thread_id` in `chat_id`: sends carrying it are
+    /// delivered into it (`message_thread_id` and `is_topic_message` in the returned message).
+    pub fn add_topic(&self, chat_id: i64, message_thread_id: i64) {
+        self.set_topic(chat_id, message_thread_id, TopicState::Open);
+    }
+
+    /// Set a forum topic's state: closed topics answer `Bad Request: TOPIC_CLOSED`, deleted
+    /// ones `Bad Request: message thread not found` (as does a thread id never added).
+    pub fn set_topic(&self, chat_id: i64, message_thread_id: i64, state: TopicState) {
+        self.inner
+            .lock()
+            .topics
+            .insert((chat_id, message_thread_id), state);
+    }
+
     /// Put a chat in a persistent state.
     pub fn set_chat_state(&self, chat_id: i64, state: ChatState) {
         self.inner.lock().chat_states.insert(chat_id, state);
@@ -1831,6 +1875,7 @@ struct State {
     next_seq: u64,
     faults: Vec<FaultRule>,
     chat_states: HashMap<i64, ChatState>,
+    topics: HashMap<(i64, i64), TopicState>,
     chats: HashMap<i64, TgChat>,
     files: HashMap<String, Arc<StoredFile>>,
     next_message_id: HashMap<i64, i64>,
@@ -1872,6 +1917,7 @@ impl State {
             next_seq: 0,
             faults: Vec::new(),
             chat_states: HashMap::new(),
+            topics: HashMap::new(),
             chats: HashMap::new(),
             files: HashMap::new(),
             next_message_id: HashMap::new(),
@@ -2726,6 +2772,24 @@ impl State {
         }
     }
 
+    /// `message_thread_id`, when the call has one: the open topic it names, or the error
+    /// Telegram answers for a closed, deleted or unknown topic.
+    fn check_thread(&self, ctx: &Ctx, chat: &TgChat) -> Result<Option<i64>, ApiErr> {
+        let Some(raw) = ctx
+            .param("message_thread_id")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        else {
+            return Ok(None);
+        };
+        let thread = raw.parse::<i64>().ok();
+        match thread.and_then(|t| self.topics.get(&(chat.id, t))) {
+            Some(TopicState::Open) => Ok(thread),
+            Some(TopicState::Closed) => Err(ApiErr::bad(desc::TOPIC_CLOSED)),
+            Some(TopicState::Deleted) | None => Err(ApiErr::bad(desc::THREAD_NOT_FOUND)),
+        }
+    }
+
     /// Strict flood control: count `messages` (one request) at the moment the request arrived,
     /// or answer 429.
     fn check_rate(&mut self, ctx: &Ctx, chat_id: i64, messages: u32) -> Result<(), ApiErr> {
@@ -2782,8 +2846,10 @@ impl State {
             return Err(ApiErr::bad(desc::MESSAGE_TOO_LONG));
         }
         self.check_send(&chat, Content::Text)?;
+        let thread = self.check_thread(ctx, &chat)?;
         self.check_rate(ctx, chat.id, 1)?;
         let mut msg = self.new_message(&chat);
+        mark_options(&mut msg, ctx, thread);
         msg.insert("text".into(), json!(formatted.text));
         if !formatted.entities.is_empty() {
             msg.insert("entities".into(), Value::Array(formatted.entities));
@@ -3141,6 +3207,7 @@ impl State {
         let mut loaded = self.load(ctx, &item)?;
         check_caption_len(&item)?;
         self.check_send(&chat, content)?;
+        let thread = self.check_thread(ctx, &chat)?;
         // 4. Telegram's servers.
         if kind == FileKind::Photo {
             Self::check_photo(&mut loaded)
@@ -3150,6 +3217,7 @@ impl State {
         // 5. Deliver.
         let stored = self.materialize(kind, loaded);
         let mut msg = self.new_message(&chat);
+        mark_options(&mut msg, ctx, thread);
         insert_media(&mut msg, &stored, &item);
         if let Some(m) = markup.filter(|m| m.get("inline_keyboard").is_some()) {
             msg.insert("reply_markup".into(), m);
@@ -3233,6 +3301,7 @@ impl State {
             Content::Photos
         };
         self.check_send(&chat, content)?;
+        let thread = self.check_thread(ctx, &chat)?;
         // 4. Telegram's servers: per item, reported with the item's 1-based position.
         for (k, (item, l)) in items.iter().zip(loaded.iter_mut()).enumerate() {
             if item.kind == FileKind::Photo
@@ -3254,6 +3323,7 @@ impl State {
         for (k, (item, l)) in items.iter().zip(loaded).enumerate() {
             let stored = self.materialize(item.kind, l);
             let mut msg = self.new_message(&chat);
+            mark_options(&mut msg, ctx, thread);
             if let Some(g) = &group_id {
                 msg.insert("media_group_id".into(), json!(g));
             }
@@ -3273,6 +3343,18 @@ fn commands_key(ctx: &Ctx) -> (String, String) {
         .map(|s| s.to_string())
         .unwrap_or_default();
     (scope, ctx.param("language_code").unwrap_or("").to_owned())
+}
+
+/// The fields a sent message carries for its send's options: `message_thread_id` and
+/// `is_topic_message` in a topic, `has_protected_content` for `protect_content`.
+fn mark_options(msg: &mut Map<String, Value>, ctx: &Ctx, thread: Option<i64>) {
+    if let Some(thread) = thread {
+        msg.insert("message_thread_id".into(), json!(thread));
+        msg.insert("is_topic_message".into(), json!(true));
+    }
+    if ctx.param("protect_content").is_some_and(param_true) {
+        msg.insert("has_protected_content".into(), json!(true));
+    }
 }
 
 fn param_true(v: &str) -> bool {
