@@ -682,10 +682,10 @@ async fn help_and_the_command_menu() {
             command.strip_prefix('/').unwrap_or(command)
         })
         .collect();
-    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert_eq!(commands.len(), 5, "{commands:?}");
     assert_eq!(
         commands.into_iter().collect::<BTreeSet<_>>(),
-        BTreeSet::from(["help", "start"])
+        BTreeSet::from(["help", "mute", "reports", "start", "unmute"])
     );
 
     session
