@@ -445,16 +445,22 @@ async fn error_of(response: reqwest::Response) -> (u16, String) {
     )
 }
 
+/// GET /api/v1`path` with `token`.
+async fn get_as(stack: &Stack, path: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(api(stack, path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// GET /api/v1/messages/{id} until `done(body)`.
 async fn wait_status(stack: &Stack, id: i64, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let body: Value = reqwest::Client::new()
-            .get(api(stack, &format!("/messages/{id}")))
-            .bearer_auth(API_TOKEN)
-            .send()
+        let body: Value = get_as(stack, &format!("/messages/{id}"), API_TOKEN)
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -653,28 +659,13 @@ async fn the_send_api_authenticates_scopes_dedupes_and_reports_each_recipient() 
     assert_eq!(document.files[0].caption.as_deref(), Some("Nightly export"));
 
     // Another token cannot read it; an unknown id is 404.
-    let other = client
-        .get(api(&stack, &format!("/messages/{id}")))
-        .bearer_auth(OTHER_API_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let other = get_as(&stack, &format!("/messages/{id}"), OTHER_API_TOKEN).await;
     assert_eq!(other.status(), 404);
-    let unknown = client
-        .get(api(&stack, "/messages/999999"))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let unknown = get_as(&stack, "/messages/999999", API_TOKEN).await;
     assert_eq!(unknown.status(), 404);
 
     // The other token's limit: 3 a minute (it made 3 requests above).
-    let limited = client
-        .get(api(&stack, "/messages/1"))
-        .bearer_auth(OTHER_API_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let limited = get_as(&stack, "/messages/1", OTHER_API_TOKEN).await;
     assert_eq!(limited.status(), 429);
     let retry_after: u64 = limited.headers()["retry-after"]
         .to_str()

@@ -11,28 +11,39 @@ use tracing::info;
 
 use super::texts;
 use super::{HandlerResult, Registrar};
-use crate::directory::{Mailbox, Snapshot};
+use crate::directory::{Mailbox, Snapshot, TitleFilter};
 
 impl Registrar {
-    /// The mailboxes the chat receives: a person's (every row with their Telegram id), or a
-    /// group's (its row), by address.
-    fn received<'s>(snapshot: &'s Snapshot, msg: &Message) -> Vec<&'s Mailbox> {
+    /// The chat's rows as (mailbox row `_id`s, `reports_filter`) pairs: a person's (every
+    /// `users` row with their Telegram id), or a group's (its `t_chats` row).
+    fn chat_rows<'s>(
+        snapshot: &'s Snapshot,
+        msg: &Message,
+    ) -> Vec<(&'s [String], Option<&'s TitleFilter>)> {
         let chat_id = msg.chat.id.0;
-        let ids: BTreeSet<&String> = if msg.chat.is_private() {
+        if msg.chat.is_private() {
             snapshot
                 .users
                 .iter()
                 .filter(|u| u.telegram_id == Some(chat_id))
-                .flat_map(|u| &u.mailbox_ids)
+                .map(|u| (u.mailbox_ids.as_slice(), u.reports_filter.as_ref()))
                 .collect()
         } else {
             snapshot
                 .groups
                 .iter()
                 .filter(|g| g.chat_id == Some(chat_id))
-                .flat_map(|g| &g.mailbox_ids)
+                .map(|g| (g.mailbox_ids.as_slice(), g.reports_filter.as_ref()))
                 .collect()
-        };
+        }
+    }
+
+    /// The mailboxes the chat receives, by address.
+    fn received<'s>(snapshot: &'s Snapshot, msg: &Message) -> Vec<&'s Mailbox> {
+        let ids: BTreeSet<&String> = Self::chat_rows(snapshot, msg)
+            .into_iter()
+            .flat_map(|(ids, _)| ids)
+            .collect();
         let mut mailboxes: Vec<&Mailbox> = snapshot
             .mailboxes
             .iter()
@@ -72,27 +83,12 @@ impl Registrar {
 
     /// The chat's `reports_filter` cells, as the sysadmin wrote them.
     fn filters(snapshot: &Snapshot, msg: &Message) -> Vec<String> {
-        let chat_id = msg.chat.id.0;
-        let mut filters: Vec<String> = if msg.chat.is_private() {
-            snapshot
-                .users
-                .iter()
-                .filter(|u| u.telegram_id == Some(chat_id))
-                .filter_map(|u| u.reports_filter.as_ref())
-                .map(|f| f.as_str().to_owned())
-                .collect()
-        } else {
-            snapshot
-                .groups
-                .iter()
-                .filter(|g| g.chat_id == Some(chat_id))
-                .filter_map(|g| g.reports_filter.as_ref())
-                .map(|f| f.as_str().to_owned())
-                .collect()
-        };
-        filters.sort();
-        filters.dedup();
-        filters
+        let filters: BTreeSet<String> = Self::chat_rows(snapshot, msg)
+            .into_iter()
+            .filter_map(|(_, filter)| filter)
+            .map(|f| f.as_str().to_owned())
+            .collect();
+        filters.into_iter().collect()
     }
 
     /// `/mute <mailbox>`: the mailbox named by its address, `Name` or description, among those
