@@ -115,6 +115,16 @@ pub struct TelegramConfig {
     /// Country calling code for phone numbers written without one (`8XXXXXXXXXX`, `XXXXXXXXXX`).
     #[serde(default = "default_country_code")]
     pub default_country_code: String,
+    /// The chats (`chat_id`s: a sysadmin's user id, or a group's id) told in plain words when
+    /// something needs a person: a mailbox failing, SeaTable unreachable, a recipient that
+    /// failed for good, a report that cannot be parsed, a schema problem ([`crate::alerts`]).
+    /// Empty (the default): no alerts.
+    #[serde(default)]
+    pub admin_chats: Vec<i64>,
+    /// How long a mailbox may fail to connect, or the directory go without a refresh from
+    /// SeaTable, before the admin chats are told, in seconds (default 600).
+    #[serde(default = "default_admin_alert_after_secs")]
+    pub admin_alert_after_secs: u64,
 }
 
 /// `telegram.limits:`, from the Bots FAQ ("My bot is hitting limits").
@@ -501,6 +511,10 @@ fn default_api_url() -> String {
 fn default_max_upload_bytes() -> u64 {
     50_000_000
 }
+fn default_admin_alert_after_secs() -> u64 {
+    600
+}
+
 fn default_country_code() -> String {
     "7".to_owned()
 }
@@ -683,6 +697,15 @@ impl Config {
                 "telegram.default_country_code",
                 format!("expected 1 to 3 digits without '+', got {code:?}"),
             ));
+        }
+        if t.admin_alert_after_secs == 0 {
+            return Err((
+                "telegram.admin_alert_after_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(zero) = t.admin_chats.iter().find(|id| **id == 0) {
+            return Err(("telegram.admin_chats", format!("{zero} is not a chat id")));
         }
         let s = &self.seatable;
         check_http_url(&s.server_url).map_err(|m| ("seatable.server_url", m))?;

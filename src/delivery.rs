@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::alerts::Alerts;
 use crate::config::TelegramLimits;
 use crate::metrics::Metrics;
 use crate::report::render::ItemKind;
@@ -121,6 +122,8 @@ struct Inner {
     /// Whether this worker may still send (its replica holds the `delivery` lease), checked
     /// right before each send.
     may_send: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Told about recipients that failed for good (`telegram.admin_chats`), when set.
+    alerts: Option<Arc<Alerts>>,
 }
 
 /// The settings of a [`DeliveryWorker`].
@@ -154,6 +157,7 @@ impl DeliveryWorker {
                 events,
                 give_up_after: settings.give_up_after,
                 may_send: Arc::new(|| true),
+                alerts: None,
             }),
             concurrency: settings.concurrency.max(1),
             wake: wake.clone(),
@@ -174,6 +178,15 @@ impl DeliveryWorker {
     pub fn sending_while(mut self, may_send: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.may_send = may_send;
+        }
+        self
+    }
+
+    /// This worker telling `alerts` about recipients that failed for good (refused by
+    /// Telegram, or given up on).
+    pub fn alerting(mut self, alerts: Option<Arc<Alerts>>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.alerts = alerts;
         }
         self
     }
@@ -481,6 +494,7 @@ impl Inner {
                         "Cannot fail the rest of a message."
                     );
                 }
+                self.tell_admins(row, &reason, topic_gone).await;
                 "permanent"
             }
             Err(failure) => {
@@ -523,6 +537,7 @@ impl Inner {
                         reason
                     };
                     self.fail(row.id, &reason).await;
+                    self.tell_admins(row, &reason, false).await;
                     "failed"
                 } else {
                     if maybe_delivered {
@@ -563,6 +578,19 @@ impl Inner {
                     ("result", outcome.to_owned()),
                 ])
                 .inc();
+        }
+    }
+
+    /// Tells the admin chats that `row`'s recipient failed for good; an admin alert that
+    /// failed is only logged (its recipient is an admin chat).
+    async fn tell_admins(&self, row: &OutboxRow, reason: &str, topic_gone: bool) {
+        if row.source == Source::Alert {
+            error!(chat_id = row.chat_id, %reason,
+                   "An admin alert could not be sent to this admin chat (telegram.admin_chats).");
+        } else if let Some(alerts) = &self.alerts {
+            alerts
+                .recipient_failed(row.chat_id, reason, topic_gone)
+                .await;
         }
     }
 

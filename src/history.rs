@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use crate::directory::Snapshot;
-use crate::state::{MessageStatus, SendStatus, State};
+use crate::state::{MessageStatus, SendStatus, Source, State};
 
 /// How a recipient stands with one report: its sends (a report may need several: photos, then
 /// documents) folded into one outcome.
@@ -111,8 +111,8 @@ pub fn parse_since(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(number.saturating_mul(seconds)))
 }
 
-/// The names of chats, from the persisted directory snapshot.
-fn chat_names(snapshot: Option<&Snapshot>) -> HashMap<i64, String> {
+/// The names of chats (users' and groups' `Name`), from a directory snapshot.
+pub(crate) fn chat_names(snapshot: Option<&Snapshot>) -> HashMap<i64, String> {
     let mut names = HashMap::new();
     if let Some(snapshot) = snapshot {
         for user in &snapshot.users {
@@ -160,7 +160,9 @@ pub async fn print(
     let from = SystemTime::now()
         .checked_sub(since)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let messages = state.messages_since(from, mailbox).await?;
+    let mut messages = state.messages_since(from, mailbox).await?;
+    // Admin alerts are in the outbox too, but they are not reports.
+    messages.retain(|m| m.source != Source::Alert);
     let snapshot: Option<Snapshot> = match state.load_snapshot().await? {
         Some(text) => serde_json::from_str(&text).ok(),
         None => None,

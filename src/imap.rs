@@ -290,6 +290,10 @@ pub struct WatcherStatus {
     pub state: WatcherState,
     /// When the last catch-up finished (every message above the checkpoint acknowledged).
     pub last_catch_up: Option<SystemTime>,
+    /// Since when the watcher has been failing: set when it first enters `Backoff`, kept
+    /// through the reconnects that fail again, cleared once it is caught up (`Idle` or
+    /// `Polling`). What the admin alert for a failing mailbox is timed by.
+    pub failing_since: Option<SystemTime>,
 }
 
 /// Watches one mailbox folder and hands every new message to the sink. See the module docs.
@@ -329,6 +333,7 @@ impl<S: MessageSink> MailboxWatcher<S> {
         let (status, receiver) = watch::channel(WatcherStatus {
             state: WatcherState::Connecting,
             last_catch_up: None,
+            failing_since: None,
         });
         let watcher = Self {
             settings,
@@ -752,6 +757,13 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             if status.state == state {
                 false
             } else {
+                match state {
+                    WatcherState::Backoff { .. } => {
+                        status.failing_since.get_or_insert_with(SystemTime::now);
+                    }
+                    WatcherState::Idle | WatcherState::Polling => status.failing_since = None,
+                    WatcherState::Connecting => {}
+                }
                 status.state = state;
                 true
             }

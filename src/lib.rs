@@ -23,6 +23,9 @@
 //!   `delivery/classify.rs`), uploading each file once.
 //! - [`delivery_log`]: with `seatable.delivery_log: true`, one row per finished report in
 //!   SeaTable's `deliveries` table, appended in batches in the background after delivery.
+//! - [`alerts`]: with `telegram.admin_chats`, plain-words alerts to the sysadmins (a mailbox
+//!   failing, SeaTable unreachable, a recipient lost, a report unparseable, a schema problem),
+//!   once per condition and once when it clears, through the same outbox.
 //! - [`bot`]: registration of people (own phone number) and groups (promotion), next to it.
 //! - [`replica`]: on a shared PostgreSQL state, the leases that decide which replica watches
 //!   which mailbox, delivers, and polls getUpdates.
@@ -36,6 +39,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod app;
 pub mod bot;
 pub mod cli;

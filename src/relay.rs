@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
+use crate::alerts::Alerts;
 use crate::directory::{ChatStatuses, Directory, LastUidWriter};
 use crate::metrics::Metrics;
 use crate::replica::{Replica, mailbox_lease};
@@ -43,6 +44,8 @@ pub struct Relay {
     last_uid: Option<Arc<LastUidWriter>>,
     /// Whose mailbox leases fence the checkpoint writes.
     replica: Arc<Replica>,
+    /// Told about messages that fail to parse (`telegram.admin_chats`), when set.
+    alerts: Option<Arc<Alerts>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -145,7 +148,14 @@ impl Relay {
             delivery_wake,
             last_uid,
             replica: Replica::solo(),
+            alerts: None,
         }
+    }
+
+    /// This relay telling `alerts` about messages that cannot be parsed.
+    pub fn alerting(mut self, alerts: Option<Arc<Alerts>>) -> Self {
+        self.alerts = alerts;
+        self
     }
 
     /// The state this relay writes to.
@@ -214,6 +224,7 @@ impl Relay {
             sends: Vec::new(),
             checkpoint: uid,
             http: None,
+            alert: None,
         };
         let uid_field = uid.map(|u| u.last_uid);
         let mut mailbox_row_id = None;
@@ -252,10 +263,16 @@ impl Relay {
                 }
             }
         }
+        let parse_error = (ack.outcome == MessageOutcome::Failed)
+            .then(|| ack.detail.clone())
+            .flatten();
         let result = self.commit(ack, Source::Imap).await?;
         if let (Some(writer), Some(row_id), Some(uid)) = (&self.last_uid, mailbox_row_id, uid) {
             let fence = self.replica.fence(&mailbox_lease(&mailbox));
             writer.set(&row_id, uid.last_uid, fence);
+        }
+        if let (Some(alerts), Some(error), false) = (&self.alerts, parse_error, result.duplicate) {
+            alerts.parse_failed(&mailbox, uid_field, &error).await;
         }
         Ok(result)
     }
@@ -296,6 +313,7 @@ impl Relay {
                 dedupe_key: dedupe_key.clone(),
                 window: dedupe_window,
             }),
+            alert: None,
         };
         let snapshot = self.snapshot().await?;
         let row = snapshot.mailbox(&mailbox);

@@ -27,8 +27,9 @@ mod sqlite;
 pub use self::delivery_log::{FinishedReport, FinishedSend};
 pub use self::files::StoredFile;
 pub use self::outbox::{
-    AckResult, Acknowledgement, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus, OutboxItem,
-    OutboxRow, OutboxSend, RecentSend, SendCounts, SendOptions, SendResult, SendStatus, Source,
+    AckResult, Acknowledgement, AlertChange, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus,
+    OutboxItem, OutboxRow, OutboxSend, RaisedAlert, RecentSend, SendCounts, SendOptions,
+    SendResult, SendStatus, Source,
 };
 pub use self::postgres::{
     CHAT_STATUS_CHANNEL, LEASES_CHANNEL, LeaseLost, OUTBOX_CHANNEL, Postgres,
@@ -323,6 +324,14 @@ impl State {
     ) -> anyhow::Result<std::collections::HashSet<i64>> {
         let chats = on_backend!(self.muted_chats(mailbox.to_ascii_lowercase()))?;
         Ok(chats.into_iter().collect())
+    }
+
+    /// The admin alerts raised and not yet cleared ([`crate::alerts`]), oldest first.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn raised_alerts(&self) -> anyhow::Result<Vec<RaisedAlert>> {
+        on_backend!(self.raised_alerts())
     }
 
     /// The refresh token stored for the OAuth2 account `account` (its name in

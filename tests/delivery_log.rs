@@ -106,6 +106,7 @@ async fn finished_report(state: &State) -> SystemTime {
             sends: vec![(10, text("a")), (20, text("a"))],
             checkpoint: None,
             http: None,
+            alert: None,
         })
         .await
         .unwrap();

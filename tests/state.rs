@@ -127,6 +127,7 @@ fn ack(uid: u32, sends: Vec<(i64, OutboxSend)>) -> Acknowledgement {
             last_uid: uid,
         }),
         http: None,
+        alert: None,
     }
 }
 
@@ -146,6 +147,7 @@ fn http_ack(
             dedupe_key: key.map(str::to_owned),
             window,
         }),
+        alert: None,
         ..ack(0, sends)
     }
 }

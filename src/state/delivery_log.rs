@@ -76,7 +76,7 @@ macro_rules! unlogged_sql {
                FROM messages m JOIN outbox o ON o.message_id = m.id
               WHERE m.id IN (
                      SELECT mm.id FROM messages mm
-                      WHERE mm.outcome = 'queued'
+                      WHERE mm.outcome = 'queued' AND mm.source != 'alert'
                         AND NOT EXISTS (SELECT 1 FROM delivery_log l WHERE l.message_id = mm.id)
                         AND EXISTS (SELECT 1 FROM outbox a WHERE a.message_id = mm.id)
                         AND NOT EXISTS (SELECT 1 FROM outbox p

@@ -116,6 +116,52 @@ pub struct Acknowledgement {
     /// message is keyed by [`HttpIngest::dedupe_key`] for [`HttpIngest::window`] instead of the
     /// replay ledger, and `uid` and `checkpoint` are `None`.
     pub http: Option<HttpIngest>,
+    /// Set for an admin alert ([`crate::alerts`]): the change to the `alerts` table made in the
+    /// same transaction. When it changes nothing (the condition was raised, or cleared, before,
+    /// maybe by another replica), nothing is written and the result is
+    /// [`AckResult::Duplicate`]. `uid`, `checkpoint` and `http` are then `None`.
+    pub alert: Option<AlertChange>,
+}
+
+impl Acknowledgement {
+    /// The path the message came in on, as stored in its `source` column.
+    pub fn source(&self) -> Source {
+        match (&self.alert, &self.http) {
+            (Some(_), _) => Source::Alert,
+            (None, Some(http)) => http.source,
+            (None, None) => Source::Imap,
+        }
+    }
+}
+
+/// What an admin alert changes in the `alerts` table ([`Acknowledgement::alert`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertChange {
+    /// Records that the condition `key` was raised, with the alert's `text`; a duplicate when
+    /// `key` is raised already.
+    Raise {
+        /// The condition's key, e.g. `mailbox:reports@example.com`.
+        key: String,
+        /// The alert as sent (HTML).
+        text: String,
+    },
+    /// Forgets the condition `key`; a duplicate when it is not raised.
+    Clear {
+        /// The condition's key.
+        key: String,
+    },
+}
+
+/// A condition the admin chats were told about and not yet told is cleared
+/// ([`State::raised_alerts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaisedAlert {
+    /// The condition's key, e.g. `mailbox:reports@example.com`.
+    pub key: String,
+    /// When it was raised.
+    pub raised_at: SystemTime,
+    /// The alert as sent (HTML).
+    pub text: String,
 }
 
 /// The default [`HttpIngest::window`] (`http.dedupe_window_secs`): 24 hours.
@@ -146,6 +192,9 @@ pub enum Source {
     SupersetWebhook,
     /// `POST /api/v1/messages`: the send API.
     Api,
+    /// An admin alert to `telegram.admin_chats` ([`crate::alerts`]), not a report: left out of
+    /// `history` and the delivery log.
+    Alert,
 }
 
 impl Source {
@@ -155,6 +204,7 @@ impl Source {
             Self::Imap => "imap",
             Self::SupersetWebhook => "superset_webhook",
             Self::Api => "api",
+            Self::Alert => "alert",
         }
     }
 
@@ -164,6 +214,7 @@ impl Source {
         match text {
             "superset_webhook" => Self::SupersetWebhook,
             "api" => Self::Api,
+            "alert" => Self::Alert,
             _ => Self::Imap,
         }
     }

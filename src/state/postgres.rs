@@ -42,8 +42,18 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "state", include_str!("postgres/0001_state.sql")),
     (2, "oauth", include_str!("postgres/0002_oauth.sql")),
     (3, "ingest", include_str!("postgres/0003_ingest.sql")),
-    (5, "alerts", include_str!("postgres/0005_alerts.sql")),
+    // Applied databases keep the description they were migrated with; sqlx compares checksums.
+    (
+        5,
+        "delivery_log",
+        include_str!("postgres/0005_delivery_log.sql"),
+    ),
     (6, "mutes", include_str!("postgres/0006_mutes.sql")),
+    (
+        7,
+        "admin_alerts",
+        include_str!("postgres/0007_admin_alerts.sql"),
+    ),
 ];
 
 /// A handle on the PostgreSQL state; cheap to clone.
@@ -265,6 +275,23 @@ impl Postgres {
                 .fetch_all(&self.pool),
         )
         .await
+    }
+
+    pub(super) async fn raised_alerts(&self) -> anyhow::Result<Vec<crate::state::RaisedAlert>> {
+        let rows: Vec<(String, i64, String)> = timed(
+            "Failed to read the raised alerts",
+            sqlx::query_as("SELECT key, raised_at, text FROM alerts ORDER BY raised_at, key")
+                .fetch_all(&self.pool),
+        )
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, raised_at, text)| crate::state::RaisedAlert {
+                key,
+                raised_at: crate::state::from_millis(raised_at),
+                text,
+            })
+            .collect())
     }
 
     pub(super) async fn muted_chats(&self, mailbox: String) -> anyhow::Result<Vec<i64>> {

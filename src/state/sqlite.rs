@@ -310,6 +310,27 @@ impl Sqlite {
         .await
     }
 
+    /// The raised admin alerts, oldest first.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn raised_alerts(&self) -> anyhow::Result<Vec<crate::state::RaisedAlert>> {
+        self.with(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT key, raised_at, text FROM alerts ORDER BY raised_at, key",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok(crate::state::RaisedAlert {
+                    key: row.get(0)?,
+                    raised_at: crate::state::from_millis(row.get(1)?),
+                    text: row.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// The chats that muted `mailbox` (lower case).
     ///
     /// # Errors

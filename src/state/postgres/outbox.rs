@@ -9,8 +9,8 @@ use sqlx::Row;
 use super::{Postgres, begin_fenced, timed, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, Fence, MessageOutcome, MessageStatus, OutboxRow, RecentSend,
-    SendCounts, SendResult, SendStatus, Source, from_millis, millis,
+    AckResult, Acknowledgement, AlertChange, Fence, MessageOutcome, MessageStatus, OutboxRow,
+    RecentSend, SendCounts, SendResult, SendStatus, Source, from_millis, millis,
 };
 
 /// A dedupe window in milliseconds.
@@ -36,11 +36,34 @@ impl Postgres {
             let fence = fence.filter(|_| ack.checkpoint.is_some());
             let mut tx = begin_fenced(&self.pool, fence).await?;
             let now = millis(SystemTime::now());
-            let duplicate = match (&ack.http, ack.uid) {
+            let duplicate = match (&ack.alert, &ack.http, ack.uid) {
+                // An admin alert: a condition raised (or cleared) before, maybe by another
+                // replica (the key's row lock orders concurrent ones).
+                (Some(AlertChange::Raise { key, text }), _, _) => {
+                    sqlx::query(
+                        "INSERT INTO alerts (key, raised_at, text) VALUES ($1, $2, $3)
+                         ON CONFLICT (key) DO NOTHING",
+                    )
+                    .bind(key)
+                    .bind(now)
+                    .bind(text)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 0
+                }
+                (Some(AlertChange::Clear { key }), _, _) => {
+                    sqlx::query("DELETE FROM alerts WHERE key = $1")
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 0
+                }
                 // An HTTP request: the same dedupe key within the window. The key's row is
                 // claimed here (a concurrent identical request waits for this transaction,
                 // then finds it taken) and gets its message id below.
-                (Some(http), _) => match &http.dedupe_key {
+                (None, Some(http), _) => match &http.dedupe_key {
                     Some(key) => sqlx::query(
                         "INSERT INTO ingest_keys (key, message_id, created_at) VALUES ($1, NULL, $2)
                          ON CONFLICT (key) DO UPDATE SET message_id = NULL, created_at = $2
@@ -55,7 +78,7 @@ impl Postgres {
                     .is_none(),
                     None => false,
                 },
-                (None, Some(Checkpoint {
+                (None, None, Some(Checkpoint {
                     uid_validity,
                     last_uid: uid,
                 })) => sqlx::query(
@@ -71,7 +94,7 @@ impl Postgres {
                 .fetch_optional(&mut *tx)
                 .await?
                 .is_some(),
-                (None, None) => sqlx::query("SELECT 1 FROM ledger WHERE mailbox = $1 AND raw_sha256 = $2")
+                (None, None, None) => sqlx::query("SELECT 1 FROM ledger WHERE mailbox = $1 AND raw_sha256 = $2")
                     .bind(&ack.mailbox)
                     .bind(&ack.raw_sha256)
                     .fetch_optional(&mut *tx)
@@ -95,7 +118,7 @@ impl Postgres {
                 .bind(&ack.detail)
                 .bind(ack.received_at.map_or(now, millis))
                 .bind(now)
-                .bind(ack.http.as_ref().map_or("imap", |h| h.source.as_str()))
+                .bind(ack.source().as_str())
                 .fetch_one(&mut *tx)
                 .await?;
                 if let Some(http) = &ack.http {
@@ -107,7 +130,7 @@ impl Postgres {
                             .execute(&mut *tx)
                             .await?;
                     }
-                } else {
+                } else if ack.alert.is_none() {
                     sqlx::query(
                         "INSERT INTO ledger (mailbox, raw_sha256) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                     )
@@ -116,7 +139,7 @@ impl Postgres {
                     .execute(&mut *tx)
                     .await?;
                 }
-                if ack.uid.is_none() && ack.http.is_none() {
+                if ack.uid.is_none() && ack.http.is_none() && ack.alert.is_none() {
                     sqlx::query(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES ($1, $2, $3)",
                     )

@@ -9,8 +9,8 @@ use rusqlite::{OptionalExtension, params};
 use super::{Sqlite, write_checkpoint};
 use crate::imap::Checkpoint;
 use crate::state::{
-    AckResult, Acknowledgement, MessageOutcome, MessageStatus, OutboxRow, RecentSend, SendCounts,
-    SendResult, SendStatus, Source, from_millis, millis,
+    AckResult, Acknowledgement, AlertChange, MessageOutcome, MessageStatus, OutboxRow, RecentSend,
+    SendCounts, SendResult, SendStatus, Source, from_millis, millis,
 };
 
 /// A dedupe window in milliseconds.
@@ -27,9 +27,20 @@ impl Sqlite {
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let now = millis(SystemTime::now());
-            let duplicate = match (&ack.http, ack.uid) {
+            let duplicate = match (&ack.alert, &ack.http, ack.uid) {
+                // An admin alert: a condition raised (or cleared) before.
+                (Some(AlertChange::Raise { key, text }), _, _) => {
+                    tx.execute(
+                        "INSERT INTO alerts (key, raised_at, text) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (key) DO NOTHING",
+                        params![key, now, text],
+                    )? == 0
+                }
+                (Some(AlertChange::Clear { key }), _, _) => {
+                    tx.execute("DELETE FROM alerts WHERE key = ?1", [key])? == 0
+                }
                 // An HTTP request: the same dedupe key within the window.
-                (Some(http), _) => match &http.dedupe_key {
+                (None, Some(http), _) => match &http.dedupe_key {
                     Some(key) => tx
                         .query_row(
                             "SELECT 1 FROM ingest_keys WHERE key = ?1 AND created_at >= ?2",
@@ -40,7 +51,7 @@ impl Sqlite {
                         .is_some(),
                     None => false,
                 },
-                (None, Some(Checkpoint {
+                (None, None, Some(Checkpoint {
                     uid_validity,
                     last_uid: uid,
                 })) => tx
@@ -58,7 +69,7 @@ impl Sqlite {
                     .optional()?
                     .is_some(),
                 // A replay is a duplicate of anything relayed before, from IMAP or a replay.
-                (None, None) => tx
+                (None, None, None) => tx
                     .query_row(
                         "SELECT 1 FROM ledger WHERE mailbox = ?1 AND raw_sha256 = ?2",
                         params![ack.mailbox, ack.raw_sha256],
@@ -84,7 +95,7 @@ impl Sqlite {
                         ack.detail,
                         ack.received_at.map_or(now, millis),
                         now,
-                        ack.http.as_ref().map_or("imap", |h| h.source.as_str()),
+                        ack.source().as_str(),
                     ],
                 )?;
                 let message_id = tx.last_insert_rowid();
@@ -97,13 +108,13 @@ impl Sqlite {
                             params![key, message_id, now],
                         )?;
                     }
-                } else {
+                } else if ack.alert.is_none() {
                     tx.execute(
                         "INSERT OR IGNORE INTO ledger (mailbox, raw_sha256) VALUES (?1, ?2)",
                         params![ack.mailbox, ack.raw_sha256],
                     )?;
                 }
-                if ack.uid.is_none() && ack.http.is_none() {
+                if ack.uid.is_none() && ack.http.is_none() && ack.alert.is_none() {
                     tx.execute(
                         "INSERT INTO replays (mailbox, raw_sha256, message_id) VALUES (?1, ?2, ?3)",
                         params![ack.mailbox, ack.raw_sha256, message_id],

@@ -98,3 +98,12 @@ CREATE TABLE IF NOT EXISTS delivery_log (
     message_id INTEGER PRIMARY KEY,
     logged_at  INTEGER NOT NULL
 );
+-- Admin alerts (`telegram.admin_chats`): the conditions the admin chats were told about and not
+-- yet told are cleared, one row per condition key (`mailbox:<address>`, `directory`, `schema`,
+-- `recipient:<chat_id>`, `parse:<address>`, `row:<problem>`). A row is written or deleted in the
+-- transaction that queues the alert.
+CREATE TABLE IF NOT EXISTS alerts (
+    key       TEXT PRIMARY KEY,
+    raised_at INTEGER NOT NULL,
+    text      TEXT NOT NULL
+);
