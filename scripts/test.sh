@@ -14,7 +14,8 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 # The end-to-end suites that run a second time with the relay's state on PostgreSQL (a server
 # of each test's own) instead of SQLite: tests/support/stack.rs reads RELAY_TEST_STATE.
 E2E_ON_POSTGRES=(--test relay_e2e --test flood --test registration --test oauth2_mailbox
-    --test ingest_e2e --test recipient_commands --test delivery_log --test delivery_options)
+    --test ingest_e2e --test recipient_commands --test delivery_log --test delivery_options
+    --test admin_alerts)
 
 status=0
 if cargo nextest --version >/dev/null 2>&1; then

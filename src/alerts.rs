@@ -257,7 +257,7 @@ impl Alerts {
         };
         let text = format!(
             "{who} did not get a report: Telegram refused it for good (“{}”). {advice}",
-            escape_html(reason)
+            escape_html(&clip(reason))
         );
         self.raise(&Condition::Recipient(chat_id), &text).await;
     }
@@ -269,7 +269,7 @@ impl Alerts {
             "A message in mailbox <b>{}</b>{at} could not be read as a report, so nobody got \
              it: {}. It stays on the mail server; later messages are still relayed.",
             escape_html(mailbox),
-            escape_html(error)
+            escape_html(&clip(error))
         );
         self.raise(&Condition::parse(mailbox), &text).await;
     }
@@ -349,7 +349,7 @@ impl Alerts {
                              on the mail server; the relay keeps trying.",
                             escape_html(&address),
                             spoken(failing),
-                            escape_html(&last_error_line(last_error))
+                            escape_html(&clip(last_error))
                         );
                         self.raise(&condition, &text).await;
                     }
@@ -394,7 +394,7 @@ impl Alerts {
                 let text = format!(
                     "The SeaTable base refuses the relay's writes: {}. Run <code>report-relay \
                      schema apply</code>, or fix the base.",
-                    escape_html(&problem)
+                    escape_html(&clip(&problem))
                 );
                 self.raise(&condition, &text).await;
             }
@@ -409,7 +409,10 @@ impl Alerts {
         for problem in &problems {
             let condition = Condition::Row(problem.clone());
             if !raised.contains_key(&condition) {
-                let text = format!("A SeaTable row cannot be used: {}.", escape_html(problem));
+                let text = format!(
+                    "A SeaTable row cannot be used: {}.",
+                    escape_html(&clip(problem))
+                );
                 self.raise(&condition, &text).await;
             }
         }
@@ -417,7 +420,7 @@ impl Alerts {
             if let Condition::Row(problem) = condition
                 && !problems.contains(problem)
             {
-                let text = format!("Fixed in SeaTable: {}.", escape_html(problem));
+                let text = format!("Fixed in SeaTable: {}.", escape_html(&clip(problem)));
                 self.clear(condition, &text).await;
             }
         }
@@ -519,8 +522,9 @@ fn spoken(duration: Duration) -> String {
     }
 }
 
-/// A watcher's error chain, cut to 500 characters (an alert is read on a phone).
-fn last_error_line(error: &str) -> String {
+/// An error text cut to 500 characters: an alert is read on a phone, and a message holds at
+/// most 4096 (Bot API `sendMessage`).
+fn clip(error: &str) -> String {
     let mut line: String = error.chars().take(500).collect();
     if line.len() < error.len() {
         line.push('…');

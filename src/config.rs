@@ -119,10 +119,12 @@ pub struct TelegramConfig {
     /// something needs a person: a mailbox failing, SeaTable unreachable, a recipient that
     /// failed for good, a report that cannot be parsed, a schema problem ([`crate::alerts`]).
     /// Empty (the default): no alerts.
+    #[serde_as(as = "Vec<DisplayFromStr>")]
     #[serde(default)]
     pub admin_chats: Vec<i64>,
     /// How long a mailbox may fail to connect, or the directory go without a refresh from
     /// SeaTable, before the admin chats are told, in seconds (default 600).
+    #[serde_as(as = "DisplayFromStr")]
     #[serde(default = "default_admin_alert_after_secs")]
     pub admin_alert_after_secs: u64,
 }
@@ -717,6 +719,16 @@ impl Config {
         }
         if s.reload_secs == 0 {
             return Err(("seatable.reload_secs", "must be at least 1".into()));
+        }
+        if !t.admin_chats.is_empty() && t.admin_alert_after_secs <= s.cache_ttl_secs {
+            return Err((
+                "telegram.admin_alert_after_secs",
+                format!(
+                    "must be more than seatable.cache_ttl_secs ({}): the directory is that old \
+                     between its refreshes, and would be reported as not refreshed",
+                    s.cache_ttl_secs
+                ),
+            ));
         }
         for (key, name) in [
             ("seatable.tables.users", &s.tables.users),

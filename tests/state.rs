@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use report_relay::report::render::{ItemKind, Method};
 use report_relay::state::{
-    AckResult, Acknowledgement, Checkpoint, Fence, HttpIngest, INGEST_DEDUPE_WINDOW, LeaseLost,
-    MessageOutcome, OutboxItem, OutboxSend, SendOptions, SendResult, Source, State, StoredFile,
+    AckResult, Acknowledgement, AlertChange, Checkpoint, Fence, HttpIngest, INGEST_DEDUPE_WINDOW,
+    LeaseLost, MessageOutcome, OutboxItem, OutboxSend, SendOptions, SendResult, Source, State,
+    StoredFile,
 };
 
 /// Where a test's state lives: a SQLite file in a temp dir, or its own PostgreSQL server.
@@ -170,7 +171,119 @@ on_both_backends!(
     messages_since_lists_reports_with_their_sends,
     finished_reports_are_listed_for_the_delivery_log_until_marked,
     send_options_are_kept_per_row_and_rows_without_them_read_as_off,
+    an_alert_is_queued_once_per_raise_and_once_per_clear,
 );
+
+/// An admin alert for `key` to chats 1 and 2.
+fn alert_ack(change: AlertChange) -> Acknowledgement {
+    Acknowledgement {
+        mailbox: "(admin alert)".into(),
+        uid: None,
+        checkpoint: None,
+        raw_sha256: format!("{change:?}"),
+        files: Vec::new(),
+        alert: Some(change),
+        ..ack(0, vec![(1, send("alert")), (2, send("alert"))])
+    }
+}
+
+/// Raising a raised condition, or clearing a cleared one, writes nothing (another replica, or
+/// an earlier run, told it); alerts are in the outbox as `alert` messages and never in the
+/// delivery log.
+async fn an_alert_is_queued_once_per_raise_and_once_per_clear(db: Db) {
+    let state = db.open().await;
+    let raise = |key: &str| {
+        alert_ack(AlertChange::Raise {
+            key: key.into(),
+            text: format!("raised {key}"),
+        })
+    };
+    let clear = |key: &str| alert_ack(AlertChange::Clear { key: key.into() });
+    assert!(matches!(
+        state.acknowledge(raise("directory")).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    assert_eq!(
+        state.acknowledge(raise("directory")).await.unwrap(),
+        AckResult::Duplicate
+    );
+    // A second handle (a replica) sees it raised.
+    let other = db.open_beside().await;
+    assert_eq!(
+        other.acknowledge(raise("directory")).await.unwrap(),
+        AckResult::Duplicate
+    );
+    assert!(matches!(
+        other.acknowledge(raise("recipient:5")).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    let raised = state.raised_alerts().await.unwrap();
+    let keys: Vec<&str> = raised.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(keys, vec!["directory", "recipient:5"]);
+    assert_eq!(raised[0].text, "raised directory");
+
+    assert_eq!(
+        state.acknowledge(clear("schema")).await.unwrap(),
+        AckResult::Duplicate,
+        "a condition never raised does not clear"
+    );
+    assert!(matches!(
+        state.acknowledge(clear("directory")).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+    assert_eq!(
+        other.acknowledge(clear("directory")).await.unwrap(),
+        AckResult::Duplicate
+    );
+    // Raised again after it cleared: told again.
+    assert!(matches!(
+        state.acknowledge(raise("directory")).await.unwrap(),
+        AckResult::Stored(_)
+    ));
+
+    // Four alerts were queued, each to both chats, as `alert` messages.
+    let messages = state
+        .messages_since(SystemTime::UNIX_EPOCH, None)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.source == Source::Alert && m.sends.len() == 2)
+    );
+    let rows = state
+        .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "the head row of chats 1 and 2");
+    assert!(rows.iter().all(|r| r.source == Source::Alert));
+    for row in rows {
+        state.finish_send(row.id, SendResult::Done).await.unwrap();
+    }
+    // Sent alerts are not reports: the delivery log leaves them out.
+    loop {
+        let rows = state
+            .due_sends(SystemTime::now(), vec![], vec![], 10, |_| true)
+            .await
+            .unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            state.finish_send(row.id, SendResult::Done).await.unwrap();
+        }
+    }
+    assert_eq!(
+        state
+            .send_counts(messages.iter().map(|m| m.id).collect())
+            .await
+            .unwrap()
+            .done,
+        8
+    );
+    assert!(state.unlogged_reports(10).await.unwrap().is_empty());
+}
 
 /// A group's topic and a mailbox's `silent`/`protect_content` travel with each outbox row; a row
 /// written before they existed (no `options` in its JSON) reads as all off.

@@ -363,3 +363,41 @@ fn the_delivery_log_is_off_by_default_and_names_its_table() {
         "{error}"
     );
 }
+
+#[test]
+fn admin_alerts_are_off_by_default_and_their_keys_are_checked() {
+    let config = load(MINIMAL).unwrap();
+    assert!(config.telegram.admin_chats.is_empty());
+    assert_eq!(config.telegram.admin_alert_after_secs, 600);
+    let with = |keys: &str| MINIMAL.replace("telegram:\n", &format!("telegram:\n{keys}"));
+    let config = load(&with("  admin_chats: [111222333, -1001234567890]\n")).unwrap();
+    assert_eq!(
+        config.telegram.admin_chats,
+        vec![111_222_333, -1_001_234_567_890]
+    );
+    let error = load(&with("  admin_chats: [0]\n")).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "config.yaml: telegram.admin_chats: 0 is not a chat id"
+    );
+    let error = load(&with("  admin_chats: [\"@ops\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("telegram.admin_chats"), "{error}");
+    let error = load(&with("  admin_chats: [1]\n  admin_alert_after_secs: 60\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with(
+            "config.yaml: telegram.admin_alert_after_secs: must be more than seatable.cache_ttl_secs (60)"
+        ),
+        "{error}"
+    );
+    let error = load(&with("  admin_alert_after_secs: 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "config.yaml: telegram.admin_alert_after_secs: must be at least 1"
+    );
+}

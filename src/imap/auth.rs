@@ -76,10 +76,10 @@ impl Authenticator for PasswordLogin {
             .login(&self.login, self.password.expose_secret())
             .await
             .map_err(|(error, _client)| match error {
-                async_imap::error::Error::No(message) => AuthError::Rejected(message),
+                async_imap::error::Error::No(message) => AuthError::Rejected(server_text(&message)),
                 async_imap::error::Error::Bad(message) => AuthError::Refused {
                     mechanism: "LOGIN",
-                    message,
+                    message: server_text(&message),
                 },
                 // Names the offending character class only, never the password.
                 async_imap::error::Error::Validate(invalid) => AuthError::Credentials(
@@ -87,5 +87,39 @@ impl Authenticator for PasswordLogin {
                 ),
                 other => AuthError::Connection(other),
             })
+    }
+}
+
+/// The server's own words from an async-imap `NO`/`BAD` message, which it writes as the
+/// response's fields (`code: None, info: Some("[AUTHENTICATIONFAILED] Authentication failed.")`):
+/// the `info` text, else the message as it is.
+pub(super) fn server_text(message: &str) -> String {
+    message
+        .split_once("info: Some(\"")
+        .and_then(|(_, rest)| rest.rsplit_once("\")"))
+        .map(|(info, _)| info.replace("\\\"", "\"").replace("\\\\", "\\"))
+        .unwrap_or_else(|| message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_text;
+
+    #[test]
+    fn the_servers_words_are_taken_from_async_imaps_message() {
+        assert_eq!(
+            server_text(
+                r#"code: None, info: Some("[AUTHENTICATIONFAILED] Authentication failed.")"#
+            ),
+            "[AUTHENTICATIONFAILED] Authentication failed."
+        );
+        assert_eq!(
+            server_text(r#"code: Some(Alert), info: Some("say \"hi\"")"#),
+            "say \"hi\""
+        );
+        assert_eq!(
+            server_text("[UNAVAILABLE] try later"),
+            "[UNAVAILABLE] try later"
+        );
     }
 }

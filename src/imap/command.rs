@@ -83,7 +83,10 @@ pub(super) fn imap_error(
     match error {
         Error::ConnectionLost => SessionError::Eof { step },
         Error::Io(error) => io_error(step, error),
-        Error::No(message) | Error::Bad(message) => SessionError::Refused { step, message },
+        Error::No(message) | Error::Bad(message) => SessionError::Refused {
+            step,
+            message: super::auth::server_text(&message),
+        },
         other => SessionError::failed(step, other),
     }
 }

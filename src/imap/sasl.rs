@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::auth::{AuthError, Authenticator, PasswordLogin};
+use super::auth::{AuthError, Authenticator, PasswordLogin, server_text};
 use super::connect::{ImapClient, ImapSession};
 use crate::config::SaslMechanism;
 use crate::oauth2::TokenSource;
@@ -141,10 +141,10 @@ impl Authenticator for OAuth2Login {
 impl OAuth2Login {
     fn error(&self, error: async_imap::error::Error) -> AuthError {
         match error {
-            async_imap::error::Error::No(message) => AuthError::Rejected(message),
+            async_imap::error::Error::No(message) => AuthError::Rejected(server_text(&message)),
             async_imap::error::Error::Bad(message) => AuthError::Refused {
                 mechanism: self.mechanism.name(),
-                message,
+                message: server_text(&message),
             },
             other => AuthError::Connection(other),
         }

@@ -60,6 +60,8 @@ pub struct Tuning {
     pub http_extra: String,
     /// More `seatable:` keys (indented by two spaces), e.g. `delivery_log: true`.
     pub seatable_extra: String,
+    /// More `telegram:` keys (indented by two spaces), e.g. `admin_chats: [1]`.
+    pub telegram_extra: String,
 }
 
 impl Default for Tuning {
@@ -75,6 +77,7 @@ impl Default for Tuning {
             account: None,
             http_extra: String::new(),
             seatable_extra: String::new(),
+            telegram_extra: String::new(),
         }
     }
 }
@@ -248,6 +251,7 @@ telegram:
     global_per_second: {global}
     chat_per_second: {chat}
     group_per_minute: {group}
+{telegram_extra}
 seatable:
   server_url: "{seatable}"
   api_token: "{seatable_token}"
@@ -293,6 +297,7 @@ http:
             concurrency = tuning.concurrency,
             http_extra = tuning.http_extra,
             seatable_extra = tuning.seatable_extra,
+            telegram_extra = tuning.telegram_extra,
         )
     }
 
