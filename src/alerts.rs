@@ -392,8 +392,7 @@ impl Alerts {
         match directory.backend().schema_problem() {
             Some(problem) if !raised.contains_key(&condition) => {
                 let text = format!(
-                    "The SeaTable base refuses the relay's writes: {}. Run <code>report-relay \
-                     schema apply</code>, or fix the base.",
+                    "The relay holds back its writes to SeaTable (Telegram ids, last_uid): {}.",
                     escape_html(&clip(&problem))
                 );
                 self.raise(&condition, &text).await;
@@ -522,9 +521,10 @@ fn spoken(duration: Duration) -> String {
     }
 }
 
-/// An error text cut to 500 characters: an alert is read on a phone, and a message holds at
-/// most 4096 (Bot API `sendMessage`).
+/// An error text cut to 500 characters (an alert is read on a phone, and a message holds at
+/// most 4096, Bot API `sendMessage`), without a closing full stop: the alert adds its own.
 fn clip(error: &str) -> String {
+    let error = error.trim().trim_end_matches('.');
     let mut line: String = error.chars().take(500).collect();
     if line.len() < error.len() {
         line.push('…');
@@ -589,6 +589,13 @@ mod tests {
         assert_eq!(spoken(Duration::from_secs(3)), "3 seconds");
         assert_eq!(spoken(Duration::from_secs(725)), "12 minutes");
         assert_eq!(spoken(Duration::from_secs(3 * 3600 + 5)), "3 hours");
+    }
+
+    #[test]
+    fn errors_are_clipped_without_their_full_stop() {
+        assert_eq!(clip("Authentication failed."), "Authentication failed");
+        let long = "x".repeat(600);
+        assert_eq!(clip(&long).chars().count(), 501);
     }
 
     #[test]

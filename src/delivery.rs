@@ -417,10 +417,12 @@ impl Inner {
                         .append_to_send_seconds
                         .observe(latency.as_secs_f64());
                 }
-                self.metrics
-                    .ingest_to_send_seconds
-                    .get_or_create(&vec![("source", row.source.as_str().to_owned())])
-                    .observe(latency.as_secs_f64());
+                if row.source != Source::Alert {
+                    self.metrics
+                        .ingest_to_send_seconds
+                        .get_or_create(&vec![("source", row.source.as_str().to_owned())])
+                        .observe(latency.as_secs_f64());
+                }
                 info!(
                     chat_id,
                     method = method.as_str(),

@@ -255,7 +255,7 @@ async fn an_unreachable_seatable_and_a_missing_column_are_told_and_cleared() {
     let texts = wait_alerts(&stack, 3, &[]).await;
     let (schema, cleared): (Vec<&String>, Vec<&String>) = texts[1..]
         .iter()
-        .partition(|text| text.contains("refuses the relay's writes"));
+        .partition(|text| text.contains("holds back its writes to SeaTable"));
     assert_eq!(schema.len(), 1, "{texts:#?}");
     assert!(
         schema[0].contains("last_uid") && schema[0].contains("schema apply"),
