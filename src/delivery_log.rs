@@ -28,8 +28,9 @@ use tracing::{debug, info, warn};
 use crate::app::CheckLine;
 use crate::config::TableNames;
 use crate::directory::{Directory, quote};
+use crate::history::Outcome;
 use crate::seatable::SeaTableClient;
-use crate::state::{Fence, FinishedReport, State};
+use crate::state::{Fence, MessageStatus, State};
 
 pub mod table;
 
@@ -136,7 +137,7 @@ impl DeliveryLog {
                 return Ok(logged);
             }
             self.write(&reports).await?;
-            let ids: Vec<i64> = reports.iter().map(|report| report.message_id).collect();
+            let ids: Vec<i64> = reports.iter().map(|report| report.id).collect();
             self.state.mark_logged(ids).await?;
             logged += reports.len();
             if reports.len() < BATCH {
@@ -146,7 +147,7 @@ impl DeliveryLog {
     }
 
     /// Appends the reports SeaTable does not have yet, and links every one to its mailbox row.
-    async fn write(&self, reports: &[FinishedReport]) -> anyhow::Result<()> {
+    async fn write(&self, reports: &[MessageStatus]) -> anyhow::Result<()> {
         let table = &self.tables.deliveries;
         let keys: Vec<String> = reports.iter().map(key).collect();
         let placeholders = vec!["?"; keys.len()].join(", ");
@@ -165,7 +166,7 @@ impl DeliveryLog {
             .iter()
             .filter_map(|row| Some((row.text(table::REPORT)?.to_owned(), row.id()?.to_owned())))
             .collect();
-        let new: Vec<(&FinishedReport, &String)> = reports
+        let new: Vec<(&MessageStatus, &String)> = reports
             .iter()
             .zip(&keys)
             .filter(|(_, key)| !row_ids.contains_key(*key))
@@ -189,7 +190,7 @@ impl DeliveryLog {
     /// that is no longer in the directory leaves the link empty; the title and counts stay.
     async fn link(
         &self,
-        reports: &[FinishedReport],
+        reports: &[MessageStatus],
         keys: &[String],
         row_ids: &std::collections::HashMap<String, String>,
     ) -> anyhow::Result<()> {
@@ -236,48 +237,37 @@ impl DeliveryLog {
 
 /// The relay's key of a report in the log: `<message id>@<arrival in Unix ms>` (the arrival
 /// keeps a reused id of a reset state apart).
-pub fn key(report: &FinishedReport) -> String {
-    format!(
-        "{}@{}",
-        report.message_id,
-        crate::state::millis(report.received_at)
-    )
+pub fn key(report: &MessageStatus) -> String {
+    format!("{}@{}", report.id, crate::state::millis(report.received_at))
 }
 
-/// The cells of a report's row, keyed by column name.
-pub fn cells(report: &FinishedReport, key: &str) -> Map<String, Value> {
-    let mut recipients: Vec<i64> = report.sends.iter().map(|s| s.chat_id).collect();
-    recipients.sort_unstable();
-    recipients.dedup();
-    // A recipient is delivered when all its sends were; failed with its first send's reason.
-    let mut failed: Vec<(i64, String)> = Vec::new();
-    for send in report.sends.iter().filter(|s| !s.done) {
-        if !failed.iter().any(|(chat, _)| *chat == send.chat_id) {
-            let reason = send.error.clone().unwrap_or_else(|| "failed".to_owned());
-            failed.push((send.chat_id, reason));
-        }
-    }
-    let delivered = recipients.len().saturating_sub(failed.len());
-    let since_arrival = |at: SystemTime| {
-        at.duration_since(report.received_at)
-            .unwrap_or_default()
-            .as_secs_f64()
-    };
-    let done_at: Vec<SystemTime> = report
-        .sends
+/// The cells of a report's row, keyed by column name: its recipients folded as `history`
+/// folds them ([`crate::history::recipients`]).
+pub fn cells(report: &MessageStatus, key: &str) -> Map<String, Value> {
+    let recipients = crate::history::recipients(&report.sends);
+    let failed_text = recipients
         .iter()
-        .filter(|s| s.done)
-        .filter_map(|s| s.finished_at)
-        .collect();
-    let first = done_at.iter().min().map(|at| round(since_arrival(*at)));
-    let last = done_at.iter().max().map(|at| round(since_arrival(*at)));
-    let time = chrono::DateTime::<chrono::Utc>::from(report.received_at)
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
-    let failed_text = failed
-        .iter()
-        .map(|(chat, reason)| format!("{chat}: {reason}"))
+        .filter_map(|r| match &r.outcome {
+            Outcome::Failed(reason) => Some(format!("{}: {reason}", r.chat_id)),
+            Outcome::Sent | Outcome::Pending(_) => None,
+        })
         .collect::<Vec<_>>()
         .join("\n");
+    let delivered = recipients
+        .iter()
+        .filter(|r| r.outcome == Outcome::Sent)
+        .count();
+    let since_arrival = |at: SystemTime| {
+        round(
+            at.duration_since(report.received_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        )
+    };
+    let first = recipients.iter().filter_map(|r| r.first_sent_at).min();
+    let last = recipients.iter().filter_map(|r| r.last_sent_at).max();
+    let time = chrono::DateTime::<chrono::Utc>::from(report.received_at)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
     let mut row = Map::new();
     row.insert("title".to_owned(), json!(report.title));
     row.insert("time".to_owned(), json!(time));
@@ -285,8 +275,11 @@ pub fn cells(report: &FinishedReport, key: &str) -> Map<String, Value> {
     row.insert("recipients".to_owned(), json!(recipients.len()));
     row.insert("delivered".to_owned(), json!(delivered));
     row.insert("failed".to_owned(), json!(failed_text));
-    row.insert("first_send_secs".to_owned(), json!(first));
-    row.insert("last_send_secs".to_owned(), json!(last));
+    row.insert(
+        "first_send_secs".to_owned(),
+        json!(first.map(since_arrival)),
+    );
+    row.insert("last_send_secs".to_owned(), json!(last.map(since_arrival)));
     row.insert(table::REPORT.to_owned(), json!(key));
     row
 }

@@ -24,7 +24,6 @@ mod outbox;
 mod postgres;
 mod sqlite;
 
-pub use self::delivery_log::{FinishedReport, FinishedSend};
 pub use self::files::StoredFile;
 pub use self::outbox::{
     AckResult, Acknowledgement, AlertChange, HttpIngest, INGEST_DEDUPE_WINDOW, MessageStatus,
@@ -588,7 +587,7 @@ impl State {
     ///
     /// # Errors
     /// A database error.
-    pub async fn unlogged_reports(&self, limit: usize) -> anyhow::Result<Vec<FinishedReport>> {
+    pub async fn unlogged_reports(&self, limit: usize) -> anyhow::Result<Vec<MessageStatus>> {
         on_backend!(self.unlogged_reports(limit))
     }
 

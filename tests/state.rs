@@ -375,28 +375,28 @@ async fn finished_reports_are_listed_for_the_delivery_log_until_marked(db: Db) {
     let unlogged = state.unlogged_reports(10).await.unwrap();
     assert_eq!(unlogged.len(), 1, "{unlogged:?}");
     let report = &unlogged[0];
-    assert_eq!(report.message_id, first.message_id);
+    assert_eq!(report.id, first.message_id);
     assert_eq!(report.mailbox, "reports@example.com");
     assert_eq!(report.title, "T");
     assert_eq!(report.source, Source::Imap);
-    let outcomes: Vec<(i64, bool, Option<&str>)> = report
+    let outcomes: Vec<(i64, &str, Option<&str>)> = report
         .sends
         .iter()
-        .map(|s| (s.chat_id, s.done, s.error.as_deref()))
+        .map(|s| (s.chat_id, s.status.as_str(), s.error.as_deref()))
         .collect();
     assert_eq!(
         outcomes,
         vec![
-            (10, true, None),
-            (20, false, Some("Forbidden: bot was blocked by the user")),
-            (20, false, Some("Forbidden: bot was blocked by the user")),
+            (10, "done", None),
+            (20, "failed", Some("Forbidden: bot was blocked by the user")),
+            (20, "failed", Some("Forbidden: bot was blocked by the user")),
         ]
     );
     assert!(report.sends[0].finished_at.is_some());
 
     // Marked (twice is harmless), it is never listed again, also after a reopen.
-    state.mark_logged(vec![report.message_id]).await.unwrap();
-    state.mark_logged(vec![report.message_id]).await.unwrap();
+    state.mark_logged(vec![report.id]).await.unwrap();
+    state.mark_logged(vec![report.id]).await.unwrap();
     assert!(state.unlogged_reports(10).await.unwrap().is_empty());
     drop(state);
     let state = db.open().await;

@@ -3,45 +3,47 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::json;
 
 use super::*;
-use crate::state::{FinishedSend, Source};
+use crate::state::{MessageOutcome, SendStatus, Source};
 
-fn report() -> FinishedReport {
+fn report() -> MessageStatus {
     let arrived = UNIX_EPOCH + Duration::from_secs(1_780_000_000);
     let at = |ms| Some(arrived + Duration::from_millis(ms));
-    FinishedReport {
-        message_id: 42,
+    MessageStatus {
+        id: 42,
         mailbox: "bi@example.com".into(),
         title: "Sales daily".into(),
         source: Source::SupersetWebhook,
+        outcome: MessageOutcome::Queued,
+        detail: None,
         received_at: arrived,
         sends: vec![
-            FinishedSend {
+            SendStatus {
                 chat_id: 10,
-                done: true,
+                status: "done".into(),
                 error: None,
                 finished_at: at(1_250),
             },
-            FinishedSend {
+            SendStatus {
                 chat_id: 10,
-                done: true,
+                status: "done".into(),
                 error: None,
                 finished_at: at(1_900),
             },
-            FinishedSend {
+            SendStatus {
                 chat_id: -100,
-                done: false,
+                status: "failed".into(),
                 error: Some("Forbidden: bot was kicked from the supergroup chat".into()),
                 finished_at: at(2_000),
             },
-            FinishedSend {
+            SendStatus {
                 chat_id: -100,
-                done: false,
+                status: "failed".into(),
                 error: Some("Forbidden: bot was kicked from the supergroup chat".into()),
                 finished_at: at(2_000),
             },
-            FinishedSend {
+            SendStatus {
                 chat_id: 30,
-                done: true,
+                status: "done".into(),
                 error: None,
                 finished_at: at(4_040),
             },
@@ -78,7 +80,7 @@ fn a_row_counts_recipients_names_each_failure_once_and_times_the_sends() {
 fn a_report_nobody_got_has_no_send_times() {
     let mut report = report();
     for send in &mut report.sends {
-        send.done = false;
+        send.status = "failed".into();
         send.error = None;
     }
     let row = cells(&report, "k");

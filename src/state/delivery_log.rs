@@ -3,51 +3,23 @@
 //! the mark that they are. The writer in [`crate::delivery_log`] reads them after delivery,
 //! appends them to SeaTable, and marks them only once SeaTable accepted the batch.
 
-use std::time::SystemTime;
+use super::{MessageOutcome, MessageStatus, SendStatus, Source};
 
-use super::Source;
-
-/// A report whose sends have all finished (none pending) and that is not yet in the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FinishedReport {
-    /// The message's id in the state.
-    pub message_id: i64,
-    /// The mailbox address.
-    pub mailbox: String,
-    /// The report title.
-    pub title: String,
-    /// How it came in.
-    pub source: Source,
-    /// When it arrived (IMAP INTERNALDATE, or when the HTTP request was accepted).
-    pub received_at: SystemTime,
-    /// Its outbox rows, in outbox order.
-    pub sends: Vec<FinishedSend>,
-}
-
-/// One finished outbox row of a [`FinishedReport`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FinishedSend {
-    /// The recipient's `chat_id`.
-    pub chat_id: i64,
-    /// Telegram accepted it (`done`); otherwise it failed with `error`.
-    pub done: bool,
-    /// Why it failed, for a failed send.
-    pub error: Option<String>,
-    /// When it finished, if recorded.
-    pub finished_at: Option<SystemTime>,
-}
-
-/// Groups `(message columns, send)` rows, ordered by message id then outbox id, into reports.
-pub(super) fn group(rows: Vec<(ReportColumns, FinishedSend)>) -> Vec<FinishedReport> {
-    let mut reports: Vec<FinishedReport> = Vec::new();
+/// Groups `(message columns, send)` rows, ordered by message id then outbox id, into the
+/// reports [`crate::state::State::unlogged_reports`] returns: queued messages whose sends have
+/// all finished, each with its outbox rows in order.
+pub(super) fn group(rows: Vec<(ReportColumns, SendStatus)>) -> Vec<MessageStatus> {
+    let mut reports: Vec<MessageStatus> = Vec::new();
     for (columns, send) in rows {
         match reports.last_mut() {
-            Some(last) if last.message_id == columns.message_id => last.sends.push(send),
-            _ => reports.push(FinishedReport {
-                message_id: columns.message_id,
+            Some(last) if last.id == columns.message_id => last.sends.push(send),
+            _ => reports.push(MessageStatus {
+                id: columns.message_id,
                 mailbox: columns.mailbox,
-                title: columns.title,
                 source: Source::from_column(&columns.source),
+                title: columns.title,
+                outcome: MessageOutcome::Queued,
+                detail: None,
                 received_at: super::from_millis(columns.received_at),
                 sends: vec![send],
             }),

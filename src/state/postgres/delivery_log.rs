@@ -3,16 +3,14 @@
 use sqlx::Row;
 
 use super::{Postgres, timed};
-use crate::state::delivery_log::{
-    FinishedReport, FinishedSend, ReportColumns, group, unlogged_sql,
-};
-use crate::state::{from_millis, millis};
+use crate::state::delivery_log::{ReportColumns, group, unlogged_sql};
+use crate::state::{MessageStatus, SendStatus, millis};
 
 impl Postgres {
     pub(in crate::state) async fn unlogged_reports(
         &self,
         limit: usize,
-    ) -> anyhow::Result<Vec<FinishedReport>> {
+    ) -> anyhow::Result<Vec<MessageStatus>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = timed(
             "Failed to read the reports not yet in the delivery log",
@@ -33,12 +31,7 @@ impl Postgres {
                     source: row.try_get(3)?,
                     received_at: row.try_get(4)?,
                 },
-                FinishedSend {
-                    chat_id: row.try_get(5)?,
-                    done: status == "done",
-                    error: row.try_get(7)?,
-                    finished_at: finished_at.map(from_millis),
-                },
+                SendStatus::from_columns(row.try_get(5)?, status, row.try_get(7)?, finished_at),
             ));
         }
         Ok(group(grouped))

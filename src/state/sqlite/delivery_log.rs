@@ -3,16 +3,14 @@
 use rusqlite::params;
 
 use super::Sqlite;
-use crate::state::delivery_log::{
-    FinishedReport, FinishedSend, ReportColumns, group, unlogged_sql,
-};
-use crate::state::{from_millis, millis};
+use crate::state::delivery_log::{ReportColumns, group, unlogged_sql};
+use crate::state::{MessageStatus, SendStatus, millis};
 
 impl Sqlite {
     pub(in crate::state) async fn unlogged_reports(
         &self,
         limit: usize,
-    ) -> anyhow::Result<Vec<FinishedReport>> {
+    ) -> anyhow::Result<Vec<MessageStatus>> {
         self.with(move |conn| {
             let mut statement = conn.prepare_cached(unlogged_sql!("?1"))?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -28,12 +26,7 @@ impl Sqlite {
                             source: row.get(3)?,
                             received_at: row.get(4)?,
                         },
-                        FinishedSend {
-                            chat_id: row.get(5)?,
-                            done: status == "done",
-                            error: row.get(7)?,
-                            finished_at: finished_at.map(from_millis),
-                        },
+                        SendStatus::from_columns(row.get(5)?, status, row.get(7)?, finished_at),
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
