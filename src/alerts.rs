@@ -337,24 +337,26 @@ impl Alerts {
         for (address, status) in watchers.statuses() {
             let condition = Condition::mailbox(&address);
             let is_raised = raised.contains_key(&condition);
-            match &status.state {
-                WatcherState::Backoff { last_error } if !is_raised => {
-                    let failing = status
-                        .failing_since
-                        .and_then(|since| now.duration_since(since).ok())
-                        .unwrap_or_default();
+            match (&status.state, &status.failing_since, &status.last_error) {
+                // Failing: waiting to reconnect, or reconnecting after a failure.
+                (
+                    WatcherState::Backoff { .. } | WatcherState::Connecting,
+                    Some(since),
+                    Some(error),
+                ) if !is_raised => {
+                    let failing = now.duration_since(*since).unwrap_or_default();
                     if failing >= self.after {
                         let text = format!(
                             "Mailbox <b>{}</b> has failed to connect for {}: {}. Its reports wait \
                              on the mail server; the relay keeps trying.",
                             escape_html(&address),
                             spoken(failing),
-                            escape_html(&clip(last_error))
+                            escape_html(&clip(error))
                         );
                         self.raise(&condition, &text).await;
                     }
                 }
-                WatcherState::Idle | WatcherState::Polling if is_raised => {
+                (WatcherState::Idle | WatcherState::Polling, _, _) if is_raised => {
                     let text = format!(
                         "Mailbox <b>{}</b> is connected again; its waiting reports are relayed now.",
                         escape_html(&address)

@@ -294,6 +294,9 @@ pub struct WatcherStatus {
     /// through the reconnects that fail again, cleared once it is caught up (`Idle` or
     /// `Polling`). What the admin alert for a failing mailbox is timed by.
     pub failing_since: Option<SystemTime>,
+    /// The error of the last failed session while it is failing (kept through the reconnect
+    /// attempts in `Connecting`), cleared with `failing_since`.
+    pub last_error: Option<String>,
 }
 
 /// Watches one mailbox folder and hands every new message to the sink. See the module docs.
@@ -334,6 +337,7 @@ impl<S: MessageSink> MailboxWatcher<S> {
             state: WatcherState::Connecting,
             last_catch_up: None,
             failing_since: None,
+            last_error: None,
         });
         let watcher = Self {
             settings,
@@ -757,11 +761,15 @@ impl<S: MessageSink, A: Authenticator> MailboxWatcher<S, A> {
             if status.state == state {
                 false
             } else {
-                match state {
-                    WatcherState::Backoff { .. } => {
+                match &state {
+                    WatcherState::Backoff { last_error } => {
                         status.failing_since.get_or_insert_with(SystemTime::now);
+                        status.last_error = Some(last_error.clone());
                     }
-                    WatcherState::Idle | WatcherState::Polling => status.failing_since = None,
+                    WatcherState::Idle | WatcherState::Polling => {
+                        status.failing_since = None;
+                        status.last_error = None;
+                    }
                     WatcherState::Connecting => {}
                 }
                 status.state = state;

@@ -77,7 +77,7 @@ async fn a_failing_mailbox_is_told_once_and_again_when_it_connects() {
         &stack.mailbox_row,
         json!({"imap_password": "not-the-password"}),
     );
-    let relay = stack.start(&alerting(2));
+    let relay = stack.start(&alerting(4));
     let texts = wait_alerts(
         &stack,
         1,
@@ -90,7 +90,7 @@ async fn a_failing_mailbox_is_told_once_and_again_when_it_connects() {
     let refused = |stack: &Stack| stack.dovecot.read_log().matches("auth failed").count();
     let before = refused(&stack);
     let deadline = tokio::time::Instant::now() + WAIT;
-    while refused(&stack) < before + 2 {
+    while refused(&stack) < before + 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no more refused logins"
@@ -119,7 +119,7 @@ async fn a_failing_mailbox_is_told_once_and_again_when_it_connects() {
 async fn an_unparseable_report_is_told_and_the_next_good_one_clears_it() {
     let stack = Stack::new().await;
     stack.add_user("Ann", Some(ANN), &[&stack.mailbox_row.clone()]);
-    let relay = stack.start(&alerting(2));
+    let relay = stack.start(&alerting(4));
     stack.wait_ready(1).await;
 
     // A report cut short in transit, twice: one alert.
@@ -163,7 +163,7 @@ async fn a_deleted_topic_is_told_once_and_cleared_when_the_group_gets_reports_ag
     stack.telegram.add_topic(FORUM, 7);
     stack.telegram.set_topic(FORUM, 7, TopicState::Deleted);
     stack.telegram.add_topic(FORUM, 8);
-    let relay = stack.start(&alerting(2));
+    let relay = stack.start(&alerting(4));
     stack.wait_ready(1).await;
 
     let report = fixture("01_chart_png_report.eml");
@@ -228,7 +228,7 @@ async fn a_deleted_topic_is_told_once_and_cleared_when_the_group_gets_reports_ag
 async fn an_unreachable_seatable_and_a_missing_column_are_told_and_cleared() {
     let stack = Stack::new().await;
     stack.add_user("Ann", Some(ANN), &[&stack.mailbox_row.clone()]);
-    let tuning = alerting(3);
+    let tuning = alerting(5);
     let relay = stack.start(&tuning);
     stack.wait_ready(1).await;
     relay.stop().await;

@@ -16,6 +16,8 @@ const ANN: i64 = 111_222_333;
 const BOB: i64 = 222_333_444;
 const BLOCKER: i64 = 333_444_555;
 const GROUP: i64 = -1_001_234_567_890;
+/// The sysadmin's chat (`telegram.admin_chats`).
+const ADMIN: i64 = 900_000_001;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Sends `command` from Ann's private chat and waits for the bot's reply to it.
@@ -174,11 +176,17 @@ async fn history_shows_each_report_and_each_recipients_outcome() {
     stack.add_user("Ann", Some(ANN), &[&mailbox]);
     stack.add_user("Blocker", Some(BLOCKER), &[&mailbox]);
     stack.telegram.block_chat(BLOCKER);
-    let relay = stack.start(&Tuning::default());
+    // With an admin chat, which is told about the blocked recipient: the alert is in the
+    // outbox too, but history shows reports only.
+    let tuning = Tuning {
+        telegram_extra: format!("  admin_chats: [{ADMIN}]"),
+        ..Tuning::default()
+    };
+    let relay = stack.start(&tuning);
     stack.wait_ready(1).await;
     stack.deliver(&message("Weekly numbers")).await;
-    stack.wait_for_sends(&[ANN], 1, WAIT).await;
-    let config = stack.write_config(&Tuning::default());
+    stack.wait_for_sends(&[ANN, ADMIN], 1, WAIT).await;
+    let config = stack.write_config(&tuning);
     let history = |args: Vec<String>| async move {
         tokio::task::spawn_blocking(move || {
             run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -219,6 +227,13 @@ async fn history_shows_each_report_and_each_recipients_outcome() {
         )),
         "{text}"
     );
+
+    assert_eq!(
+        text.matches("queued:").count(),
+        1,
+        "one report, no alert: {text}"
+    );
+    assert!(!text.contains("admin alert"), "{text}");
 
     let mut json_args = base.clone();
     json_args.extend(["--json", "--since", "1h", "--mailbox"].map(str::to_owned));
