@@ -108,8 +108,9 @@ pub struct Alerts {
     after: Duration,
     /// Wakes this process's delivery worker (another replica's is woken by the `NOTIFY`).
     wake: Arc<Notify>,
-    /// Names the recipients in the alerts (users' and groups' `Name`).
-    directory: Option<Arc<Directory>>,
+    /// What the monitor judges (its age, schema, rows, mailboxes) and where the alerts take
+    /// recipients' names from (users' and groups' `Name`).
+    directory: Arc<Directory>,
 }
 
 impl std::fmt::Debug for Alerts {
@@ -123,11 +124,13 @@ impl std::fmt::Debug for Alerts {
 
 impl Alerts {
     /// Alerts to `telegram.admin_chats`, timed by `telegram.admin_alert_after_secs`, queued in
-    /// `state` and announced on `wake`; `None` when `admin_chats` is empty (alerts are off).
+    /// `state`, announced on `wake`, about (and naming recipients from) `directory`; `None`
+    /// when `admin_chats` is empty (alerts are off).
     pub fn new(
         telegram: &crate::config::TelegramConfig,
         state: State,
         wake: Arc<Notify>,
+        directory: Arc<Directory>,
     ) -> Option<Arc<Self>> {
         if telegram.admin_chats.is_empty() {
             return None;
@@ -137,21 +140,8 @@ impl Alerts {
             admin_chats: telegram.admin_chats.clone(),
             after: Duration::from_secs(telegram.admin_alert_after_secs),
             wake,
-            directory: None,
+            directory,
         }))
-    }
-
-    /// These alerts naming recipients from `directory`.
-    pub fn naming_from(mut self: Arc<Self>, directory: Arc<Directory>) -> Arc<Self> {
-        if let Some(alerts) = Arc::get_mut(&mut self) {
-            alerts.directory = Some(directory);
-        }
-        self
-    }
-
-    /// How long a mailbox may fail, or the directory go unrefreshed, before it is told.
-    pub fn after(&self) -> Duration {
-        self.after
     }
 
     /// Tells the admin chats that `condition` holds, with `text` (HTML), unless it was told
@@ -159,13 +149,14 @@ impl Alerts {
     /// (the monitor, or the next failure, tries again).
     pub async fn raise(&self, condition: &Condition, text: &str) -> bool {
         let key = condition.key();
+        let message = format!("⚠️ {text}");
         let told = self
             .queue(
                 AlertChange::Raise {
                     key: key.clone(),
-                    text: format!("⚠️ {text}"),
+                    text: message.clone(),
                 },
-                &format!("⚠️ {text}"),
+                &message,
             )
             .await;
         if told {
@@ -276,12 +267,7 @@ impl Alerts {
 
     /// `Name (chat_id)` of a chat, from the directory, in bold; the bare id when unknown.
     fn who(&self, chat_id: i64) -> String {
-        let names = crate::history::chat_names(
-            self.directory
-                .as_ref()
-                .and_then(|d| d.last_good())
-                .as_deref(),
-        );
+        let names = crate::history::chat_names(self.directory.last_good().as_deref());
         match names.get(&chat_id) {
             Some(name) => format!("<b>{} ({chat_id})</b>", escape_html(name)),
             None => format!("<b>chat {chat_id}</b>"),
@@ -295,11 +281,14 @@ impl Alerts {
     pub async fn monitor(
         self: Arc<Self>,
         watchers: Arc<Watchers>,
-        directory: Arc<Directory>,
         replica: Arc<Replica>,
         cancel: CancellationToken,
     ) {
         let tick = (self.after / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        // When the sends were last looked at while holding `delivery`: the next look starts
+        // there (less a margin), not at the oldest raised alert, so a recipient alert that
+        // stays raised does not make every look read its whole history.
+        let mut sends_looked_at: Option<SystemTime> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -321,8 +310,12 @@ impl Alerts {
                 .collect();
             self.look_at_mailboxes(&watchers, &raised).await;
             if replica.holds(DELIVERY) {
-                self.look_at_directory(&directory, &raised).await;
-                self.look_at_raised(&directory, &raised).await;
+                self.look_at_directory(&raised).await;
+                let now = SystemTime::now();
+                self.look_at_raised(&raised, sends_looked_at).await;
+                sends_looked_at = Some(now);
+            } else {
+                sends_looked_at = None;
             }
         }
     }
@@ -369,11 +362,8 @@ impl Alerts {
     }
 
     /// The directory's age, SeaTable's refusals for lack of a column, and unusable rows.
-    async fn look_at_directory(
-        &self,
-        directory: &Arc<Directory>,
-        raised: &HashMap<Condition, RaisedAlert>,
-    ) {
+    async fn look_at_directory(&self, raised: &HashMap<Condition, RaisedAlert>) {
+        let directory = &self.directory;
         // Reading it starts a refresh when it is stale.
         let snapshot = directory.snapshot().await;
         let age = directory.age().unwrap_or_default();
@@ -427,12 +417,13 @@ impl Alerts {
         }
     }
 
-    /// Clears raised recipients that got a send since, parse failures followed by a message
-    /// that parsed, and mailboxes no longer in the directory.
+    /// Clears raised recipients that got a send since (read from `looked_at`, the previous
+    /// look, less a minute; from the oldest raised alert on the first look), parse failures
+    /// followed by a message that parsed, and mailboxes no longer in the directory.
     async fn look_at_raised(
         &self,
-        directory: &Directory,
         raised: &HashMap<Condition, RaisedAlert>,
+        looked_at: Option<SystemTime>,
     ) {
         let recipients: Vec<(i64, SystemTime)> = raised
             .iter()
@@ -442,7 +433,11 @@ impl Alerts {
             })
             .collect();
         if let Some(oldest) = recipients.iter().map(|(_, at)| *at).min() {
-            match self.state.recent_sends(oldest).await {
+            let margin = Duration::from_secs(60);
+            let since = looked_at
+                .and_then(|at| at.checked_sub(margin))
+                .map_or(oldest, |at| at.max(oldest));
+            match self.state.recent_sends(since).await {
                 Ok(sent) => {
                     for (chat_id, raised_at) in &recipients {
                         if sent
@@ -496,7 +491,7 @@ impl Alerts {
                 ),
             }
         }
-        let Some(snapshot) = directory.last_good() else {
+        let Some(snapshot) = self.directory.last_good() else {
             return;
         };
         for condition in raised.keys() {

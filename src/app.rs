@@ -242,15 +242,18 @@ pub async fn run_reloading(
     let lease_task = tokio::spawn(replica.clone().run(directory.clone(), leasing.clone()));
 
     let wake = Arc::new(tokio::sync::Notify::new());
-    let alerts = Alerts::new(&config.telegram, state.clone(), wake.clone())
-        .map(|alerts| alerts.naming_from(directory.clone()));
+    let alerts = Alerts::new(
+        &config.telegram,
+        state.clone(),
+        wake.clone(),
+        directory.clone(),
+    );
     if let Some(alerts) = &alerts {
-        tracker.spawn(alerts.clone().monitor(
-            watchers.clone(),
-            directory.clone(),
-            replica.clone(),
-            cancel.clone(),
-        ));
+        tracker.spawn(
+            alerts
+                .clone()
+                .monitor(watchers.clone(), replica.clone(), cancel.clone()),
+        );
     }
     tracker.spawn(run_while_held(replica.clone(), DELIVERY, cancel.clone(), {
         let (config, state, metrics, migrations) = (
