@@ -297,13 +297,9 @@ mod tests {
     use crate::seatable::Row;
     use serde_json::{Value, json};
 
+    /// Rows as the gateway returns them (a `Row` deserializes from its JSON object).
     fn rows(value: Value) -> Vec<Row> {
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| Row::from(v.as_object().unwrap().clone()))
-            .collect()
+        serde_json::from_value(value).unwrap()
     }
 
     fn snapshot() -> Snapshot {
